@@ -1,0 +1,214 @@
+/*
+ * asyncssl.h -- the C side of anyio-asyncssl, shared by its .c files and
+ * declared again (plain text) in build.py for cffi.
+ *
+ * Three parts, each with its theory of operation at the top of its file:
+ *   pool.c      worker threads, the pause/notify protocol, fault injection
+ *   provider.c  the offload provider (keymgmt + signature + RSA decrypt) and
+ *               the test record-cipher provider, both OpenSSL 3 providers
+ *   conn.c      one SSL* over memory BIOs with pinned buffers, the one-call
+ *               step function, the GIL-free async callback and notifier,
+ *               and the handshake-time callbacks (ALPN, SNI, keylog) in C
+ */
+#ifndef ASYNCSSL_H
+#define ASYNCSSL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <openssl/ssl.h>
+#include <openssl/async.h>
+
+/* ------------------------------------------------------------------ */
+/* worker pool                                                         */
+/* ------------------------------------------------------------------ */
+typedef struct asx_pool asx_pool;
+
+typedef struct {
+    uint64_t submitted;      /* operations queued to a worker */
+    uint64_t completed;      /* operations a worker finished */
+    uint64_t inline_ops;     /* operations computed on the calling thread */
+    uint64_t pauses;         /* ASYNC_pause_job() calls */
+    uint64_t spurious_resumes;
+    uint64_t queue_full;     /* EAGAIN answers (real or injected) */
+    uint64_t errors;         /* operations that failed (real or injected) */
+    uint64_t notify_callback;
+    uint64_t notify_fd;
+    uint64_t latency_ns_total;
+    uint64_t latency_ns_max;
+    uint64_t sign_ops;
+    uint64_t decrypt_ops;
+    uint64_t cipher_ops;
+    int64_t min_stack_headroom; /* least free fibre stack seen in our code */
+} asx_pool_stats;
+
+/* Fault and latency injection (the test engine).  Counts are "the next N
+ * offloaded operations"; flags stay on until cleared. */
+typedef struct {
+    int latency_us;          /* worker sleeps this long before computing */
+    int late_ms;             /* completion is published this long after the work */
+    int eagain_count;        /* answer ASYNC_STATUS_EAGAIN (queue full) once each */
+    int err_count;           /* answer ASYNC_STATUS_ERR, the operation fails */
+    int early_count;         /* fire the callback inside the job before pausing */
+    int duplicate_count;     /* fire the completion callback twice */
+    int fd_only;             /* ignore the callback, signal the wait fd */
+    int max_queue;           /* queue length that counts as full (0: none) */
+} asx_faults;
+
+asx_pool *asx_pool_new(int nworkers);
+int asx_pool_workers(asx_pool *p);
+void asx_pool_close(asx_pool *p);       /* drain, join; later ops run inline */
+void asx_pool_unref(asx_pool *p);
+void asx_pool_ref(asx_pool *p);
+void asx_pool_get_stats(asx_pool *p, asx_pool_stats *out);
+void asx_pool_reset_stats(asx_pool *p);
+void asx_pool_set_faults(asx_pool *p, const asx_faults *f);
+void asx_pool_get_faults(asx_pool *p, asx_faults *f);
+int asx_is_worker_thread(void);
+
+/* one offloaded operation; lives on the paused job's stack */
+typedef struct asx_req asx_req;
+struct asx_req {
+    int (*fn)(asx_req *);
+    void *ctx;               /* EVP_PKEY_CTX* or EVP_CIPHER_CTX* */
+    unsigned char *out;
+    size_t outlen;           /* in: buffer size, out: produced */
+    const unsigned char *in;
+    size_t inlen;
+    int ret;
+    unsigned long err;
+    int kind;                /* ASX_REQ_* for the stats */
+    /* set by asx_run */
+    int done;                /* result published (atomic) */
+    int released;            /* worker no longer touches this request (atomic) */
+    int duplicate;
+    int late_ms;
+    uint64_t submit_ns;
+    ASYNC_callback_fn cb;
+    void *cb_arg;
+    void *note;
+    asx_req *next;
+};
+#define ASX_REQ_SIGN 1
+#define ASX_REQ_DECRYPT 2
+#define ASX_REQ_CIPHER 3
+
+/* run req->fn: inline outside a job, else on a worker while the job pauses */
+int asx_run(asx_pool *p, asx_req *q);
+
+/* ------------------------------------------------------------------ */
+/* providers                                                           */
+/* ------------------------------------------------------------------ */
+/* loads "default" and our offload provider into |libctx|; |pool| serves it */
+int asx_install_offload(OSSL_LIB_CTX *libctx, asx_pool *pool);
+/* registers the test record-cipher provider under |name| (load it with
+ * OSSL_PROVIDER_load); its pauses go through |pool| */
+int asx_register_test_provider(OSSL_LIB_CTX *libctx, const char *name, asx_pool *pool);
+/* unload what we loaded into |libctx| (before OSSL_LIB_CTX_free) */
+void asx_unload_providers(OSSL_LIB_CTX *libctx);
+/* rebuild a loaded key inside the offload provider's keymgmt */
+EVP_PKEY *asx_wrap_key(OSSL_LIB_CTX *libctx, EVP_PKEY *in);
+/* "asyncssl-offload", "default", ... for a key */
+const char *asx_pkey_provider_name(const EVP_PKEY *pkey);
+/* test-cipher counters: record-cipher calls made inside a job, pauses */
+void asx_cipher_counts(uint64_t *in_job, uint64_t *paused);
+void asx_set_cipher_pause(int on);
+
+#define ASX_OFFLOAD_PROVIDER "asyncssl-offload"
+#define ASX_SIGN_PROPQ "?asyncssl.sign=yes"
+#define ASX_CIPHER_PROPQ "?asyncssl.cipher=yes"
+
+/* ------------------------------------------------------------------ */
+/* notifier: one per event-loop thread                                 */
+/* ------------------------------------------------------------------ */
+typedef struct asx_notifier asx_notifier;
+asx_notifier *asx_notifier_new(size_t capacity);
+void asx_notifier_free(asx_notifier *n);
+int asx_notifier_fd(asx_notifier *n);
+/* drain the eventfd and copy out up to |cap| completed connection ids;
+ * returns how many, or -1 when the queue overflowed (wake everyone) */
+long asx_notifier_drain(asx_notifier *n, uint64_t *ids, size_t cap);
+/* push one id and signal, as the callback does (for tests and reaping) */
+void asx_notifier_post(asx_notifier *n, uint64_t id);
+
+/* ------------------------------------------------------------------ */
+/* connection                                                          */
+/* ------------------------------------------------------------------ */
+#define ASX_OP_NONE 0
+#define ASX_OP_HANDSHAKE 1
+#define ASX_OP_READ 2
+#define ASX_OP_WRITE 3
+#define ASX_OP_SHUTDOWN 4
+
+#define ASX_DONE 0
+#define ASX_WANT_READ 1
+#define ASX_WANT_ASYNC 2
+#define ASX_WANT_ASYNC_JOB 3
+#define ASX_CLOSED 4          /* close_notify received */
+#define ASX_EOF 5             /* transport EOF without close_notify */
+#define ASX_ERROR 6           /* see the error queue */
+#define ASX_WANT_WRITE 7      /* never with memory BIOs; kept for completeness */
+
+typedef struct {
+    int status;               /* ASX_* above */
+    int ssl_error;            /* SSL_get_error() */
+    int async_status;         /* SSL_get_async_status() after WANT_ASYNC */
+    int ret;                  /* the raw return value */
+    size_t result;            /* bytes read or written */
+    size_t out_len;           /* ciphertext copied to out */
+    size_t out_pending;       /* ciphertext still in the write BIO */
+} asx_result;
+
+typedef struct asx_conn asx_conn;
+struct asx_conn {
+    SSL *ssl;
+    BIO *rbio, *wbio;         /* owned by ssl */
+    uint64_t id;
+    asx_notifier *notifier;   /* atomic: read by the callback */
+    unsigned char *read_buf;  /* pinned plaintext buffer for SSL_read_ex */
+    size_t read_cap;
+    size_t read_len;          /* length given to the pending read */
+    unsigned char *write_buf; /* pinned plaintext buffer for SSL_write_ex */
+    size_t write_cap;
+    size_t write_len;         /* bytes in write_buf for the pending write */
+    int pending_op;           /* the operation whose job is paused */
+    int async_mode;           /* SSL_MODE_ASYNC currently on */
+    /* counters (the callback's are atomic) */
+    uint64_t wakeups;
+    uint64_t cb_on_worker;
+    uint64_t cb_in_job;
+    uint64_t want_async;
+    uint64_t want_async_job;
+    uint64_t retries;
+};
+
+asx_conn *asx_conn_new(SSL_CTX *ctx, int server, size_t read_cap, size_t write_cap,
+                       int use_callback, uint64_t id);
+/* 0 (refused) while a job is paused; 1 when freed */
+int asx_conn_free(asx_conn *c);
+void asx_conn_set_notifier(asx_conn *c, asx_notifier *n);
+void asx_conn_set_async(asx_conn *c, int on);
+/* feed |in|, run |op| (|arg| = max bytes for a read), classify, drain
+ * ciphertext into |out|.  The pending write's data must already be in
+ * write_buf (write_len). */
+void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen,
+              size_t arg, unsigned char *out, size_t outcap, asx_result *r);
+int asx_async_callback(SSL *s, void *arg);
+/* receive_eof(): an empty read BIO now means EOF */
+void asx_conn_set_eof(asx_conn *c);
+/* ciphers both sides offer (server side, after the handshake) */
+int asx_shared_ciphers(SSL *s, const SSL_CIPHER **out, int cap);
+
+/* ------------------------------------------------------------------ */
+/* context extension: data the handshake callbacks read, prepared ahead */
+/* ------------------------------------------------------------------ */
+typedef struct asx_ctx_ext asx_ctx_ext;
+asx_ctx_ext *asx_ctx_ext_new(void);
+void asx_ctx_ext_free(asx_ctx_ext *e);
+/* installs ALPN select, SNI and keylog callbacks on |ctx|, reading |e| */
+int asx_ctx_attach(SSL_CTX *ctx, asx_ctx_ext *e);
+int asx_ctx_set_alpn(asx_ctx_ext *e, const unsigned char *wire, size_t len);
+int asx_ctx_set_keylog_fd(asx_ctx_ext *e, int fd);
+int asx_ctx_add_sni(asx_ctx_ext *e, const char *hostname, SSL_CTX *ctx);
+uint64_t asx_ctx_sni_hits(asx_ctx_ext *e);
+
+#endif
