@@ -115,6 +115,7 @@ int ERR_GET_REASON(unsigned long e);
 
 const SSL_METHOD *TLS_server_method(void);
 const SSL_METHOD *TLS_client_method(void);
+const SSL_METHOD *TLS_method(void);
 SSL_CTX *SSL_CTX_new_ex(OSSL_LIB_CTX *libctx, const char *propq, const SSL_METHOD *meth);
 void SSL_CTX_free(SSL_CTX *);
 uint64_t SSL_CTX_set_options(SSL_CTX *ctx, uint64_t op);

@@ -1,0 +1,31 @@
+"""Loads the compiled binding and checks the OpenSSL it runs against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from ._native._openssl import ffi as _ffi
+    from ._native._openssl import lib as _lib
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "anyio_asyncssl: the compiled OpenSSL binding is missing or cannot load "
+        f"({exc}). Install with the system OpenSSL >= 3.0 headers present "
+        "(Debian: apt-get install libssl-dev) and reinstall the package."
+    ) from exc
+
+ffi: Any = _ffi
+lib: Any = _lib
+
+OPENSSL_VERSION_NUMBER: int = int(lib.OpenSSL_version_num())
+OPENSSL_VERSION: str = ffi.string(lib.OpenSSL_version(0)).decode()
+
+if OPENSSL_VERSION_NUMBER < 0x30000000:
+    raise ImportError(
+        f"anyio_asyncssl needs OpenSSL >= 3.0 at run time, found {OPENSSL_VERSION}"
+    )
+if not lib.ASYNC_is_capable():
+    raise ImportError(
+        "anyio_asyncssl needs OpenSSL's ASYNC job support (ASYNC_is_capable() is false "
+        f"for {OPENSSL_VERSION} on this platform)"
+    )

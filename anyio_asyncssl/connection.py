@@ -1,0 +1,729 @@
+"""TLSConnection: one SSL object over memory BIOs, sans I/O.
+
+Theory of operation
+-------------------
+Bytes in, bytes out, no sockets and no event loop (h11's style).  Incoming
+ciphertext goes into OpenSSL's read BIO (:meth:`receive_bytes`, or the
+``incoming=`` argument of any operation, which saves a crossing); what OpenSSL
+writes collects in :meth:`bytes_to_send`.  Every operation is one C call
+(``asx_step``) that feeds, runs, classifies and drains, and answers a
+:class:`Status`:
+
+* ``DONE``: finished (with its result);
+* ``WANT_READ``: feed more ciphertext and call again;
+* ``WANT_ASYNC``: OpenSSL paused an async job inside the operation (an
+  offload engine has the private key, or a record cipher).  Wait for the
+  engine's wake-up (:attr:`async_status` says how: ``OK`` -> the async
+  callback/notifier, ``EAGAIN`` -> retry a little later, ``ERR`` -> the
+  engine failed, finish the job and fail, ``UNSUPPORTED`` -> poll
+  :meth:`changed_async_fds`), then call the **same** operation again;
+* ``WANT_ASYNC_JOB``: this thread's job pool is exhausted; call again once
+  another connection's job finished;
+* ``CLOSED``: the peer sent close_notify.
+
+The rules of async mode are enforced here (DESIGN.md):
+
+1. While a job is paused, any SSL call resumes *that* job, whatever the
+   function.  So a different operation raises :class:`OperationInProgressError`
+   instead of silently resuming the wrong one.
+2. The job keeps the pointer of the first call's buffer.  Reads land in a
+   pinned per-connection C buffer; writes are copied once into a pinned
+   buffer and the retry must carry the same data.
+3. A job resumes only on the thread that started it.  A connection belongs
+   to the thread of its first operation; others get :class:`WrongThreadError`.
+4. A connection with a paused job is never freed: when its owner drops it,
+   it is parked; :func:`reap_parked` (called by the driver whenever wake-ups
+   arrive) finishes such jobs on the owning thread and frees them.  What is
+   still parked at exit is leaked on purpose and counted.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import itertools
+import threading
+from typing import Any
+
+from ._ffi import ffi, lib
+from .context import TLSContext, _idna_name
+from .errors import (
+    AsyncEngineError,
+    CertificateVerifyError,
+    OperationInProgressError,
+    TLSEOFError,
+    TLSError,
+    WrongThreadError,
+    drain_queue,
+    error_from_queue,
+)
+
+__all__ = [
+    "AsyncStatus",
+    "Operation",
+    "Status",
+    "TLSConnection",
+    "TLSSession",
+    "connection_counters",
+    "reap_parked",
+    "set_job_pool",
+]
+
+READ_BUFFER_SIZE = 65536
+WRITE_BUFFER_SIZE = 65536
+OUT_BUFFER_SIZE = 4 * 65536
+
+
+class Status(enum.IntEnum):
+    """What an operation answered."""
+
+    DONE = lib.ASX_DONE
+    WANT_READ = lib.ASX_WANT_READ
+    WANT_ASYNC = lib.ASX_WANT_ASYNC
+    WANT_ASYNC_JOB = lib.ASX_WANT_ASYNC_JOB
+    CLOSED = lib.ASX_CLOSED
+    WANT_WRITE = lib.ASX_WANT_WRITE
+
+
+class Operation(enum.IntEnum):
+    HANDSHAKE = lib.ASX_OP_HANDSHAKE
+    READ = lib.ASX_OP_READ
+    WRITE = lib.ASX_OP_WRITE
+    SHUTDOWN = lib.ASX_OP_SHUTDOWN
+
+
+class AsyncStatus(enum.IntEnum):
+    """``SSL_get_async_status`` after ``WANT_ASYNC`` (DESIGN rule 7)."""
+
+    UNSUPPORTED = lib.ASYNC_STATUS_UNSUPPORTED
+    ERR = lib.ASYNC_STATUS_ERR
+    OK = lib.ASYNC_STATUS_OK
+    EAGAIN = lib.ASYNC_STATUS_EAGAIN
+
+
+_STATUS = {int(s): s for s in Status}
+_ids = itertools.count(1)
+
+
+class TLSSession:
+    """A TLS session (ticket) to resume with, like :class:`ssl.SSLSession`."""
+
+    def __init__(self, ptr: Any) -> None:
+        self._ptr = ffi.gc(ptr, lib.SSL_SESSION_free)
+
+    @property
+    def id(self) -> bytes:
+        n = ffi.new("unsigned int *")
+        p = lib.SSL_SESSION_get_id(self._ptr, n)
+        return bytes(ffi.buffer(p, n[0]))
+
+    @property
+    def time(self) -> int:
+        return int(lib.SSL_SESSION_get_time(self._ptr))
+
+    @property
+    def timeout(self) -> int:
+        return int(lib.SSL_SESSION_get_timeout(self._ptr))
+
+    @property
+    def has_ticket(self) -> bool:
+        return bool(lib.SSL_SESSION_has_ticket(self._ptr))
+
+    @property
+    def ticket_lifetime_hint(self) -> int:
+        return int(lib.SSL_SESSION_get_ticket_lifetime_hint(self._ptr))
+
+    @property
+    def is_resumable(self) -> bool:
+        return bool(lib.SSL_SESSION_is_resumable(self._ptr))
+
+    def __repr__(self) -> str:
+        return f"<TLSSession id={self.id.hex()[:16]} resumable={self.is_resumable}>"
+
+
+# -- parking (DESIGN rule 4) -----------------------------------------------
+_lock = threading.Lock()
+_parked: dict[int, list[_Handle]] = {}
+_paused: dict[int, set[_Handle]] = {}
+_counters = {"created": 0, "freed": 0, "parked": 0, "reaped": 0, "leaked": 0}
+
+
+class _Handle:
+    """Owns the asx_conn* and what its C side points into."""
+
+    __slots__ = ("__weakref__", "conn", "keepalive", "owner", "result")
+
+    def __init__(self, conn: Any, keepalive: list[Any]) -> None:
+        self.conn = conn
+        self.keepalive = keepalive
+        self.owner: int | None = None
+        self.result = ffi.new("asx_result *")
+
+    def release(self) -> None:
+        """Free now, or park when a job is paused (never SSL_free a paused job)."""
+        c = self.conn
+        if c is None:
+            return
+        if c.pending_op == lib.ASX_OP_NONE:
+            lib.asx_conn_free(c)
+            self.conn = None
+            with _lock:
+                _counters["freed"] += 1
+            return
+        with _lock:
+            _parked.setdefault(self.owner or 0, []).append(self)
+            _counters["parked"] += 1
+
+
+def reap_parked() -> int:
+    """Finish the paused jobs of dropped connections of this thread; free them.
+
+    Returns how many were freed.  Safe to call any time on any thread: only
+    this thread's parked connections are touched.
+    """
+    me = threading.get_ident()
+    with _lock:
+        mine = _parked.pop(me, [])
+    if not mine:
+        return 0
+    keep: list[_Handle] = []
+    freed = 0
+    for h in mine:
+        c = h.conn
+        lib.asx_step(c, c.pending_op, ffi.NULL, 0, 0, ffi.NULL, 0, h.result)
+        drain_queue()
+        if c.pending_op == lib.ASX_OP_NONE:
+            _paused.get(me, set()).discard(h)
+            lib.asx_conn_free(c)
+            h.conn = None
+            freed += 1
+        else:
+            keep.append(h)
+    with _lock:
+        if keep:
+            _parked.setdefault(me, []).extend(keep)
+        _counters["reaped"] += freed
+        _counters["freed"] += freed
+    return freed
+
+
+def connection_counters() -> dict[str, int]:
+    """created, freed, parked (ever), reaped, leaked, live, parked_now, paused_now."""
+    with _lock:
+        out = dict(_counters)
+        out["parked_now"] = sum(len(v) for v in _parked.values())
+        out["paused_now"] = sum(len(v) for v in _paused.values())
+    out["live"] = out["created"] - out["freed"]
+    return out
+
+
+def set_job_pool(max_jobs: int, init_jobs: int = 0) -> None:
+    """Cap this thread's OpenSSL async job pool (``ASYNC_init_thread``).
+
+    ``max_jobs=0`` means no cap.  Refused (RuntimeError) while a job of this
+    thread is paused: the old pool's dispatcher would go with it.
+    """
+    me = threading.get_ident()
+    if _paused.get(me):
+        raise RuntimeError("cannot change the job pool while async jobs of this thread are paused")
+    lib.ASYNC_cleanup_thread()
+    if not lib.ASYNC_init_thread(max_jobs, init_jobs):
+        raise TLSError("ASYNC_init_thread failed")
+
+
+def _free_at_exit() -> None:  # pragma: no cover - interpreter exit
+    with _lock:
+        _counters["leaked"] += sum(len(v) for v in _parked.values())
+
+
+import atexit  # noqa: E402
+
+atexit.register(_free_at_exit)
+
+
+def _bound(self: TLSConnection) -> int:
+    """Return the owning thread id, binding it on first use."""
+    me = threading.get_ident()
+    h = self._h
+    if h.owner is None:
+        h.owner = me
+    elif h.owner != me:
+        raise WrongThreadError(
+            "this TLS connection belongs to another thread (async jobs resume only "
+            "on the thread that started them)")
+    return me
+
+
+class TLSConnection:
+    """One TLS connection, sans I/O (the equivalent of :class:`ssl.SSLObject`).
+
+    ``notify``: ``"callback"`` (default) installs the GIL-free C async
+    callback, which counts wake-ups and posts to an attached
+    :class:`~anyio_asyncssl.notifier.Notifier`; ``"fd"`` installs none, so
+    engines signal their wait fds (:meth:`changed_async_fds`).
+    """
+
+    def __init__(
+        self,
+        context: TLSContext,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        session: TLSSession | None = None,
+        notify: str = "callback",
+        read_buffer_size: int = READ_BUFFER_SIZE,
+        write_buffer_size: int = WRITE_BUFFER_SIZE,
+    ) -> None:
+        if notify not in ("callback", "fd"):
+            raise ValueError("notify must be 'callback' or 'fd'")
+        if server_side and server_hostname:
+            raise ValueError("server_hostname can only be given on the client side")
+        if not server_side and context.check_hostname and not server_hostname:
+            raise ValueError("check_hostname requires server_hostname")
+        self.context = context
+        self.server_side = server_side
+        self.server_hostname = server_hostname
+        self.id = next(_ids)
+        lib.ERR_clear_error()
+        conn = lib.asx_conn_new(context.ssl_ctx, int(server_side), read_buffer_size,
+                                write_buffer_size, int(notify == "callback"), self.id)
+        if conn == ffi.NULL:
+            raise error_from_queue("could not create the TLS connection")
+        self._c = conn
+        self._out = ffi.new("unsigned char[]", OUT_BUFFER_SIZE)
+        self._h = _Handle(conn, [context, context._handle, self._out])
+        with _lock:
+            _counters["created"] += 1
+        self._outgoing: list[bytes] = []
+        self._async_status = AsyncStatus.UNSUPPORTED
+        self._engine_failed = False
+        self._handshake_done = False
+        self._notifier: Any = None
+        self.async_mode = context.async_mode
+        ssl_ = conn.ssl
+        if server_hostname and not server_side:
+            ascii_name = _idna_name(server_hostname.rstrip("."))
+            self.server_hostname = ascii_name
+            try:
+                ipaddress.ip_address(ascii_name.strip("[]"))
+                is_ip = True
+            except ValueError:
+                is_ip = False
+            if not is_ip and not lib.SSL_set_tlsext_host_name(ssl_, ascii_name.encode()):
+                raise error_from_queue("bad server_hostname")
+            if context.check_hostname:
+                if is_ip:
+                    param = lib.SSL_get0_param(ssl_)
+                    ok = lib.X509_VERIFY_PARAM_set1_ip_asc(param, ascii_name.strip("[]").encode())
+                else:
+                    lib.SSL_set_hostflags(ssl_, lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS)
+                    ok = lib.SSL_set1_host(ssl_, ascii_name.encode())
+                if not ok:
+                    raise error_from_queue("bad server_hostname")
+        if session is not None:
+            if server_side:
+                raise ValueError("session is for the client side")
+            if not lib.SSL_set_session(ssl_, session._ptr):
+                raise error_from_queue("could not set session")
+        if self.async_mode != "off":
+            lib.asx_conn_set_async(conn, 1)
+
+    # -- lifetime ---------------------------------------------------------------
+    def free(self) -> None:
+        """Release the SSL object now (parked instead while a job is paused)."""
+        self._h.release()
+
+    def __del__(self) -> None:
+        h = getattr(self, "_h", None)
+        if h is not None:
+            h.release()
+
+    def attach_notifier(self, notifier: Any) -> None:
+        """Post this connection's wake-ups to ``notifier`` (a :class:`Notifier`)."""
+        self._notifier = notifier
+        self._h.keepalive.append(notifier)
+        lib.asx_conn_set_notifier(self._c, notifier.ptr)
+
+    # -- the step -------------------------------------------------------------
+    def _step(self, op: int, incoming: Any, arg: int) -> Status:
+        c = self._c
+        me = _bound(self)
+        pending = c.pending_op
+        if pending and pending != op:
+            raise OperationInProgressError(
+                f"{Operation(op).name.lower()} refused: the {Operation(pending).name.lower()}'s "
+                "async job is paused; retry that operation first")
+        r = self._h.result
+        if incoming:
+            lib.asx_step(c, op, ffi.from_buffer(incoming), len(incoming), arg, self._out,
+                         OUT_BUFFER_SIZE, r)
+        else:
+            lib.asx_step(c, op, ffi.NULL, 0, arg, self._out, OUT_BUFFER_SIZE, r)
+        if r.out_len:
+            self._outgoing.append(ffi.buffer(self._out, r.out_len)[:])
+            while r.out_pending:
+                lib.asx_step(c, 0, ffi.NULL, 0, 0, self._out, OUT_BUFFER_SIZE, r)
+                self._outgoing.append(ffi.buffer(self._out, r.out_len)[:])
+        status = r.status
+        if status == lib.ASX_WANT_ASYNC:
+            self._async_status = AsyncStatus(r.async_status)
+            if r.async_status == lib.ASYNC_STATUS_ERR:
+                self._engine_failed = True
+            if not pending:
+                with _lock:
+                    _paused.setdefault(me, set()).add(self._h)
+        elif pending:
+            with _lock:
+                _paused.get(me, set()).discard(self._h)
+        if status >= lib.ASX_EOF and status != lib.ASX_WANT_WRITE:
+            self._raise_error(op, status)
+        return _STATUS[status]
+
+    def _raise_error(self, op: int, status: int) -> None:
+        if status == lib.ASX_EOF:
+            drain_queue()
+            raise TLSEOFError("EOF occurred in violation of protocol (no close_notify)",
+                              library="SSL", reason="UNEXPECTED_EOF_WHILE_READING")
+        last = lib.ERR_peek_last_error()
+        reason = lib.ERR_GET_REASON(last) if last else 0
+        is_ssl = last and lib.ERR_GET_LIB(last) == lib.ERR_LIB_SSL
+        if is_ssl and reason == lib.SSL_R_UNEXPECTED_EOF_WHILE_READING:
+            drain_queue()
+            raise TLSEOFError("EOF occurred in violation of protocol (no close_notify)",
+                              library="SSL", reason="UNEXPECTED_EOF_WHILE_READING")
+        if is_ssl and reason == lib.SSL_R_CERTIFICATE_VERIFY_FAILED:
+            errors = drain_queue()
+            code = int(lib.SSL_get_verify_result(self._c.ssl))
+            vmsg = ffi.string(lib.X509_verify_cert_error_string(code)).decode()
+            raise CertificateVerifyError(
+                f"certificate verify failed: {vmsg}", verify_code=code, verify_message=vmsg,
+                errors=errors)
+        if self._engine_failed:
+            raise error_from_queue("offload engine failed", AsyncEngineError)
+        raise error_from_queue(f"TLS {Operation(op).name.lower()} failed")
+
+    # -- operations -----------------------------------------------------------
+    def do_handshake(self, incoming: Any = b"") -> Status:
+        """Run (or continue) the handshake.  Raises TLSError subclasses on failure."""
+        st = self._step(lib.ASX_OP_HANDSHAKE, incoming, 0)
+        if st is Status.DONE and not self._handshake_done:
+            self._handshake_done = True
+            if self.async_mode == "handshake":
+                # only private-key operations are offloaded: later calls need no job
+                lib.asx_conn_set_async(self._c, 0)
+        return st
+
+    def read(self, max_bytes: int = READ_BUFFER_SIZE, incoming: Any = b"") -> tuple[Status, bytes]:
+        """Decrypt up to ``max_bytes``: ``(DONE, data)``, ``(CLOSED, b"")``, or a want.
+
+        Raises :class:`TLSEOFError` on a transport EOF without close_notify.
+        """
+        st = self._step(lib.ASX_OP_READ, incoming, max_bytes if max_bytes > 0 else 1)
+        if st is Status.DONE:
+            return st, ffi.buffer(self._c.read_buf, self._h.result.result)[:]
+        return st, b""
+
+    def write(self, data: Any, incoming: Any = b"") -> tuple[Status, int]:
+        """Encrypt a prefix of ``data`` (at most the pinned buffer's size).
+
+        Returns ``(DONE, n)`` with the bytes consumed, or ``(want, 0)``.  After
+        ``WANT_ASYNC`` call again with the same data: the paused job keeps the
+        first call's buffer, and other data raises OperationInProgressError.
+        """
+        c = self._c
+        if c.pending_op == lib.ASX_OP_WRITE:
+            n = c.write_len
+            if bytes(memoryview(data)[:n]) != ffi.buffer(c.write_buf, n)[:]:
+                raise OperationInProgressError(
+                    "write retried with different data while its async job is paused")
+        elif c.pending_op == lib.ASX_OP_NONE:
+            n = min(len(data), c.write_cap)
+            if n == 0:
+                return Status.DONE, 0
+            ffi.memmove(c.write_buf, memoryview(data)[:n], n)
+            c.write_len = n
+        st = self._step(lib.ASX_OP_WRITE, incoming, 0)
+        return st, (int(self._h.result.result) if st is Status.DONE else 0)
+
+    def shutdown(self, incoming: Any = b"") -> Status:
+        """Send close_notify (DONE once sent; see :attr:`close_notify_received`)."""
+        if not self._handshake_done:
+            raise TLSError("shutdown while in init: the handshake has not completed",
+                           library="SSL", reason="SHUTDOWN_WHILE_IN_INIT")
+        return self._step(lib.ASX_OP_SHUTDOWN, incoming, 0)
+
+    def resume(self) -> Status:
+        """Retry the operation whose async job is paused (read data: see :meth:`read`)."""
+        op = self._c.pending_op
+        if op == lib.ASX_OP_NONE:
+            return Status.DONE
+        if op == lib.ASX_OP_READ:
+            return self.read()[0]
+        if op == lib.ASX_OP_WRITE:
+            return self._step(op, b"", 0)
+        if op == lib.ASX_OP_HANDSHAKE:
+            return self.do_handshake()
+        return self.shutdown()
+
+    # -- bytes in and out -----------------------------------------------------
+    def receive_bytes(self, data: Any) -> None:
+        """Feed ciphertext from the transport."""
+        if data:
+            _bound(self)
+            lib.asx_step(self._c, 0, ffi.from_buffer(data), len(data), 0, ffi.NULL, 0,
+                         self._h.result)
+
+    def receive_eof(self) -> None:
+        """The transport ended: once the read BIO is empty, reads see EOF."""
+        lib.asx_conn_set_eof(self._c)
+
+    def bytes_to_send(self) -> bytes:
+        """Everything OpenSSL wrote since the last call (ciphertext for the transport)."""
+        r = self._h.result
+        lib.asx_step(self._c, 0, ffi.NULL, 0, 0, self._out, OUT_BUFFER_SIZE, r)
+        if r.out_len:
+            self._outgoing.append(ffi.buffer(self._out, r.out_len)[:])
+        out = self._outgoing
+        if not out:
+            return b""
+        self._outgoing = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def has_bytes_to_send(self) -> bool:
+        return bool(self._outgoing)
+
+    # -- async state ----------------------------------------------------------
+    @property
+    def pending_operation(self) -> Operation | None:
+        op = self._c.pending_op
+        return Operation(op) if op else None
+
+    @property
+    def async_status(self) -> AsyncStatus:
+        """``SSL_get_async_status`` as read after the last ``WANT_ASYNC``."""
+        return self._async_status
+
+    @property
+    def wakeups(self) -> int:
+        """How often the async callback fired for this connection."""
+        return int(self._c.wakeups)
+
+    def changed_async_fds(self) -> tuple[list[int], list[int]]:
+        """Engine wait fds added and removed since the last pause (never read or close them)."""
+        ssl_ = self._c.ssl
+        na = ffi.new("size_t *")
+        nd = ffi.new("size_t *")
+        if not lib.SSL_get_changed_async_fds(ssl_, ffi.NULL, na, ffi.NULL, nd):
+            return [], []
+        add = ffi.new("int[]", max(na[0], 1))
+        dele = ffi.new("int[]", max(nd[0], 1))
+        lib.SSL_get_changed_async_fds(ssl_, add, na, dele, nd)
+        return [add[i] for i in range(na[0])], [dele[i] for i in range(nd[0])]
+
+    def all_async_fds(self) -> list[int]:
+        ssl_ = self._c.ssl
+        n = ffi.new("size_t *")
+        if not lib.SSL_get_all_async_fds(ssl_, ffi.NULL, n) or n[0] == 0:
+            return []
+        fds = ffi.new("int[]", n[0])
+        lib.SSL_get_all_async_fds(ssl_, fds, n)
+        return [fds[i] for i in range(n[0])]
+
+    def stats(self) -> dict[str, int]:
+        """Per-connection counters of the async machinery."""
+        c = self._c
+        return {
+            "wakeups": int(c.wakeups),
+            "callbacks_on_worker": int(c.cb_on_worker),
+            "callbacks_in_job": int(c.cb_in_job),
+            "want_async": int(c.want_async),
+            "want_async_job": int(c.want_async_job),
+            "retries": int(c.retries),
+        }
+
+    # -- inspection (ssl.SSLObject style) ---------------------------------------
+    @property
+    def handshake_done(self) -> bool:
+        return self._handshake_done
+
+    @property
+    def close_notify_received(self) -> bool:
+        return bool(lib.SSL_get_shutdown(self._c.ssl) & 2)  # SSL_RECEIVED_SHUTDOWN
+
+    @property
+    def close_notify_sent(self) -> bool:
+        return bool(lib.SSL_get_shutdown(self._c.ssl) & 1)  # SSL_SENT_SHUTDOWN
+
+    def version(self) -> str | None:
+        if not self._handshake_done:
+            return None
+        return str(ffi.string(lib.SSL_get_version(self._c.ssl)).decode())
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        c = lib.SSL_get_current_cipher(self._c.ssl)
+        if c == ffi.NULL:
+            return None
+        return (ffi.string(lib.SSL_CIPHER_get_name(c)).decode(),
+                ffi.string(lib.SSL_CIPHER_get_version(c)).decode(),
+                int(lib.SSL_CIPHER_get_bits(c, ffi.NULL)))
+
+    def shared_ciphers(self) -> list[tuple[str, str, int]] | None:
+        """Ciphers both sides offered (server side, after the handshake)."""
+        out = ffi.new("const SSL_CIPHER *[]", 256)
+        n = lib.asx_shared_ciphers(self._c.ssl, out, 256)
+        if n < 0 or not self.server_side:
+            return None
+        return [(ffi.string(lib.SSL_CIPHER_get_name(out[i])).decode(),
+                 ffi.string(lib.SSL_CIPHER_get_version(out[i])).decode(),
+                 int(lib.SSL_CIPHER_get_bits(out[i], ffi.NULL))) for i in range(n)]
+
+    def selected_alpn_protocol(self) -> str | None:
+        data = ffi.new("const unsigned char **")
+        n = ffi.new("unsigned int *")
+        lib.SSL_get0_alpn_selected(self._c.ssl, data, n)
+        if n[0] == 0:
+            return None
+        return bytes(ffi.buffer(data[0], n[0])).decode("ascii", "replace")
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        """The peer's certificate: DER bytes, or the stdlib's dict (``{}`` if unverified)."""
+        if not self._handshake_done:
+            raise ValueError("handshake not done yet")
+        x = lib.SSL_get1_peer_certificate(self._c.ssl)
+        if x == ffi.NULL:
+            return None
+        try:
+            if binary_form:
+                return _der(x)
+            if not (lib.SSL_CTX_get_verify_mode(lib.SSL_get_SSL_CTX(self._c.ssl))
+                    & lib.SSL_VERIFY_PEER):
+                return {}
+            return _decode_cert(x)
+        finally:
+            lib.X509_free(x)
+
+    def get_channel_binding(self, cb_type: str = "tls-unique") -> bytes | None:
+        if cb_type != "tls-unique":
+            raise ValueError(f"{cb_type!r} channel binding type not implemented")
+        buf = ffi.new("unsigned char[]", 128)
+        ssl_ = self._c.ssl
+        if bool(lib.SSL_session_reused(ssl_)) ^ (not self.server_side):
+            n = lib.SSL_get_finished(ssl_, buf, 128)
+        else:
+            n = lib.SSL_get_peer_finished(ssl_, buf, 128)
+        return bytes(ffi.buffer(buf, n)) if n else None
+
+    @property
+    def session_reused(self) -> bool:
+        return bool(lib.SSL_session_reused(self._c.ssl))
+
+    @property
+    def session(self) -> TLSSession | None:
+        """The current session, to pass as ``session=`` to a later connection."""
+        s = lib.SSL_get1_session(self._c.ssl)
+        return TLSSession(s) if s != ffi.NULL else None
+
+    def __repr__(self) -> str:
+        side = "server" if self.server_side else "client"
+        return f"<TLSConnection #{self.id} {side} {self.version() or 'handshaking'}>"
+
+
+# -- certificate decoding (the stdlib's getpeercert() dict) ---------------------
+def _der(x: Any) -> bytes:
+    n = lib.i2d_X509(x, ffi.NULL)
+    buf = ffi.new("unsigned char[]", n)
+    p = ffi.new("unsigned char **", buf)
+    lib.i2d_X509(x, p)
+    return bytes(ffi.buffer(buf, n))
+
+
+def _name(name: Any) -> tuple[tuple[tuple[str, str], ...], ...]:
+    rdns: list[list[tuple[str, str]]] = []
+    last_set = -1
+    for i in range(lib.X509_NAME_entry_count(name)):
+        entry = lib.X509_NAME_get_entry(name, i)
+        obj = lib.X509_NAME_ENTRY_get_object(entry)
+        nid = lib.OBJ_obj2nid(obj)
+        if nid:
+            key = ffi.string(lib.OBJ_nid2ln(nid)).decode()
+        else:
+            txt = ffi.new("char[]", 128)
+            lib.OBJ_obj2txt(txt, 128, obj, 1)
+            key = ffi.string(txt).decode()
+        out = ffi.new("unsigned char **")
+        n = lib.ASN1_STRING_to_UTF8(out, lib.X509_NAME_ENTRY_get_data(entry))
+        value = bytes(ffi.buffer(out[0], n)).decode("utf-8", "replace") if n >= 0 else ""
+        if n >= 0:
+            lib.OPENSSL_free(out[0])
+        s = lib.X509_NAME_ENTRY_set(entry)
+        if s != last_set:
+            rdns.append([])
+            last_set = s
+        rdns[-1].append((key, value))
+    return tuple(tuple(r) for r in rdns)
+
+
+def _time(t: Any) -> str:
+    bio = lib.BIO_new(lib.BIO_s_mem())
+    try:
+        lib.ASN1_TIME_print(bio, t)
+        buf = ffi.new("char[]", 64)
+        n = lib.BIO_read(bio, buf, 64)
+        return bytes(ffi.buffer(buf, max(n, 0))).decode()
+    finally:
+        lib.BIO_free(bio)
+
+
+def _san(x: Any) -> tuple[tuple[str, str], ...]:
+    names = lib.X509_get_ext_d2i(x, lib.NID_subject_alt_name, ffi.NULL, ffi.NULL)
+    if names == ffi.NULL:
+        return ()
+    names = ffi.cast("GENERAL_NAMES *", names)
+    out: list[tuple[str, str]] = []
+    try:
+        for i in range(lib.sk_GENERAL_NAME_num(names)):
+            gen = lib.sk_GENERAL_NAME_value(names, i)
+            kind = ffi.new("int *")
+            val = lib.GENERAL_NAME_get0_value(gen, kind)
+            s = ffi.cast("ASN1_STRING *", val)
+            raw = bytes(ffi.buffer(lib.ASN1_STRING_get0_data(s), lib.ASN1_STRING_length(s)))
+            if kind[0] == lib.GEN_DNS:
+                out.append(("DNS", raw.decode("ascii", "replace")))
+            elif kind[0] == lib.GEN_EMAIL:
+                out.append(("email", raw.decode("ascii", "replace")))
+            elif kind[0] == lib.GEN_URI:
+                out.append(("URI", raw.decode("ascii", "replace")))
+            elif kind[0] == lib.GEN_IPADD:
+                if len(raw) == 4:
+                    out.append(("IP Address", ".".join(str(b) for b in raw)))
+                elif len(raw) == 16:
+                    out.append(("IP Address", ":".join(
+                        f"{int.from_bytes(raw[j:j + 2], 'big'):X}" for j in range(0, 16, 2))))
+                else:
+                    out.append(("IP Address", "<invalid>"))
+            else:
+                out.append(("othername", "<unsupported>"))
+    finally:
+        lib.GENERAL_NAMES_free(names)
+    return tuple(out)
+
+
+def _decode_cert(x: Any) -> dict[str, Any]:
+    bn = lib.ASN1_INTEGER_to_BN(lib.X509_get_serialNumber(x), ffi.NULL)
+    hexs = lib.BN_bn2hex(bn)
+    serial = ffi.string(hexs).decode()
+    lib.OPENSSL_free(hexs)
+    lib.BN_free(bn)
+    cert: dict[str, Any] = {
+        "subject": _name(lib.X509_get_subject_name(x)),
+        "issuer": _name(lib.X509_get_issuer_name(x)),
+        "version": int(lib.X509_get_version(x)) + 1,
+        "serialNumber": serial,
+        "notBefore": _time(lib.X509_get0_notBefore(x)),
+        "notAfter": _time(lib.X509_get0_notAfter(x)),
+    }
+    san = _san(x)
+    if san:
+        cert["subjectAltName"] = san
+    return cert
+

@@ -1,0 +1,131 @@
+"""Exceptions, and the one helper that turns OpenSSL's error queue into them.
+
+Every exception subclasses :class:`ssl.SSLError`, so ``except ssl.SSLError``
+in existing code keeps working.  Like the stdlib, ``library`` and ``reason``
+carry OpenSSL's library and reason (reason in the stdlib's upper-case
+mnemonic style, e.g. ``CERTIFICATE_VERIFY_FAILED``).
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from ._ffi import ffi, lib
+
+__all__ = [
+    "AsyncEngineError",
+    "CertificateVerifyError",
+    "OperationInProgressError",
+    "TLSEOFError",
+    "TLSError",
+    "WrongThreadError",
+    "raise_from_queue",
+]
+
+
+class TLSError(ssl.SSLError):
+    """A TLS failure reported by OpenSSL (or by this library around it).
+
+    ``library``/``reason`` name OpenSSL's library and reason; ``errors`` holds
+    every ``(library, reason, detail)`` that was on the error queue.
+    """
+
+    library: str | None
+    reason: str | None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        library: str | None = None,
+        reason: str | None = None,
+        errors: tuple[tuple[str, str, str], ...] = (),
+    ) -> None:
+        super().__init__(1, message)
+        self.library = library
+        self.reason = reason
+        self.errors = errors
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CertificateVerifyError(TLSError, ssl.SSLCertVerificationError):
+    """The peer's certificate did not verify (untrusted, expired, wrong name, ...)."""
+
+    def __init__(self, message: str, *, verify_code: int, verify_message: str,
+                 library: str | None = "SSL", reason: str | None = "CERTIFICATE_VERIFY_FAILED",
+                 errors: tuple[tuple[str, str, str], ...] = ()) -> None:
+        super().__init__(message, library=library, reason=reason, errors=errors)
+        self.verify_code = verify_code
+        self.verify_message = verify_message
+
+
+class TLSEOFError(TLSError, ssl.SSLEOFError):
+    """The transport ended without a TLS close_notify (a ragged EOF)."""
+
+
+class AsyncEngineError(TLSError):
+    """The offload engine failed an operation (``ASYNC_STATUS_ERR``)."""
+
+
+class OperationInProgressError(TLSError):
+    """Another TLS operation's async job is paused on this connection.
+
+    OpenSSL would silently resume the paused job instead of running the new
+    call (DESIGN rule 1), so the call is refused.
+    """
+
+
+class WrongThreadError(TLSError):
+    """The connection belongs to another OS thread (DESIGN rule 3)."""
+
+
+def _mnemonic(text: str | None) -> str | None:
+    if not text:
+        return None
+    return text.strip().upper().replace(" ", "_").replace("-", "_")
+
+
+def _s(p: object) -> str:
+    return "" if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
+
+
+def drain_queue() -> tuple[tuple[str, str, str], ...]:
+    """Pop every entry of this thread's OpenSSL error queue."""
+    out: list[tuple[str, str, str]] = []
+    data = ffi.new("const char **")
+    flags = ffi.new("int *")
+    while True:
+        code = lib.ERR_get_error_all(ffi.NULL, ffi.NULL, ffi.NULL, data, flags)
+        if code == 0:
+            return tuple(out)
+        lib_name = _s(lib.ERR_lib_error_string(code)) or f"lib({lib.ERR_GET_LIB(code)})"
+        reason = _s(lib.ERR_reason_error_string(code)) or f"reason({lib.ERR_GET_REASON(code)})"
+        detail = _s(data[0]) if (flags[0] & 0x02) else ""  # ERR_TXT_STRING
+        out.append((lib_name, reason, detail))
+
+
+def error_from_queue(
+    default: str = "TLS error", cls: type[TLSError] = TLSError
+) -> TLSError:
+    """Build the exception for the current error queue (and empty the queue)."""
+    errors = drain_queue()
+    if not errors:
+        return cls(default, errors=errors)
+    # the last entry is the outermost (libssl's), the first the root cause
+    lib_name, reason, detail = errors[-1]
+    parts = [f"[{_mnemonic(lib_name)}: {_mnemonic(reason)}] {reason}"]
+    if detail:
+        parts.append(f"({detail})")
+    if len(errors) > 1:
+        root = errors[0]
+        parts.append(f"<- {root[1]}" + (f" ({root[2]})" if root[2] else ""))
+    return cls(" ".join(parts), library=_mnemonic(lib_name), reason=_mnemonic(reason),
+               errors=errors)
+
+
+def raise_from_queue(default: str = "TLS error", cls: type[TLSError] = TLSError) -> None:
+    """Raise :func:`error_from_queue` (the single place that raises from OpenSSL)."""
+    raise error_from_queue(default, cls)

@@ -1,0 +1,228 @@
+"""The offload engine: our OpenSSL provider plus a pool of worker threads.
+
+An :class:`Offload` owns a private OpenSSL library context holding the
+``default`` provider and our ``asyncssl-offload`` provider.  Private keys
+loaded into a :class:`~anyio_asyncssl.TLSContext` made with ``offload=`` are
+rebuilt inside our provider; libssl then signs (or, for static-RSA key
+exchange, decrypts) through it.  Inside an async job the provider hands the
+operation to a worker thread and pauses the job; the worker wakes the event
+loop through the connection's async callback.  The default library context,
+which the stdlib :mod:`ssl` module uses, is never changed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from ._ffi import ffi, lib
+from .errors import TLSError, raise_from_queue
+
+__all__ = ["Offload", "OffloadStats", "default_offload"]
+
+
+@dataclass(frozen=True)
+class OffloadStats:
+    """Counters of one :class:`Offload` (each read atomically, not as one snapshot)."""
+
+    workers: int
+    submitted: int
+    completed: int
+    in_flight: int
+    inline: int
+    pauses: int
+    spurious_resumes: int
+    queue_full: int
+    errors: int
+    notify_callback: int
+    notify_fd: int
+    sign_ops: int
+    decrypt_ops: int
+    cipher_ops: int
+    mean_latency_ms: float
+    max_latency_ms: float
+    min_stack_headroom: int  # bytes of fibre stack left in our code (-1: never in a job)
+
+
+_live: weakref.WeakSet[Offload] = weakref.WeakSet()
+
+
+class Offload:
+    """Worker-thread offload of private-key operations (an OpenSSL provider).
+
+    ``workers`` defaults to the number of CPUs.  ``close()`` drains queued
+    operations and joins the threads; it also runs at interpreter exit.
+    Operations that arrive after ``close()`` are computed inline.
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        if workers is None:
+            workers = os.cpu_count() or 1
+        if workers < 0:
+            raise ValueError("workers must be >= 0")
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pool = lib.asx_pool_new(workers)
+        if self._pool == ffi.NULL:
+            raise MemoryError("could not start the offload worker pool")
+        self._libctx = lib.OSSL_LIB_CTX_new()
+        if self._libctx == ffi.NULL or not lib.asx_install_offload(self._libctx, self._pool):
+            lib.asx_pool_unref(self._pool)
+            raise_from_queue("could not load the offload provider", TLSError)
+        self._property_query = "?asyncssl.sign=yes"
+        self._providers: list[str] = []
+        self._registered: set[str] = set()
+        _live.add(self)
+
+    # -- what contexts use ------------------------------------------------
+    @property
+    def libctx(self) -> Any:
+        """The private ``OSSL_LIB_CTX*`` (cffi pointer)."""
+        return self._libctx
+
+    @property
+    def property_query(self) -> str:
+        """The property query new SSL_CTXs are made with."""
+        return self._property_query
+
+    @property
+    def workers(self) -> int:
+        """Worker threads serving operations now (0 after :meth:`close`)."""
+        return int(lib.asx_pool_workers(self._pool))
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """Extra providers loaded with :meth:`load_provider`."""
+        return tuple(self._providers)
+
+    def load_provider(self, name: str, *, properties: str | None = None) -> None:
+        """Load a provider (e.g. a hardware vendor's) into this library context.
+
+        ``properties`` (default ``?provider=<name>``) is added to the
+        property query of contexts created afterwards, so libssl prefers the
+        provider's algorithms where it offers them and falls back to ours or
+        to ``default`` elsewhere.  Record ciphers are fetched when an SSL_CTX
+        is made: load providers before creating contexts, or use
+        :meth:`TLSContext.load_provider`, which rebuilds its SSL_CTX.
+
+        Raises :class:`TLSError` if OpenSSL cannot load it.
+        """
+        lib.ERR_clear_error()
+        prov = lib.OSSL_PROVIDER_load(self._libctx, name.encode())
+        if prov == ffi.NULL:
+            raise_from_queue(f"could not load provider {name!r}")
+        self._providers.append(name)
+        extra = properties if properties is not None else f"?provider={name}"
+        if extra and extra not in self._property_query.split(","):
+            self._property_query = f"{extra},{self._property_query}"
+
+    def register_test_provider(self, name: str) -> None:
+        """Register our test record-cipher provider under ``name`` (not loaded yet)."""
+        if name in self._registered:
+            return
+        if not lib.asx_register_test_provider(self._libctx, name.encode(), self._pool):
+            raise_from_queue(f"could not register test provider {name!r}")
+        self._registered.add(name)
+
+    # -- observation and control ------------------------------------------
+    def stats(self) -> OffloadStats:
+        """Counters: submitted, completed, in flight, pauses, queue-full, latency."""
+        st = ffi.new("asx_pool_stats *")
+        lib.asx_pool_get_stats(self._pool, st)
+        completed = int(st.completed)
+        return OffloadStats(
+            workers=self.workers,
+            submitted=int(st.submitted),
+            completed=completed,
+            in_flight=int(st.submitted) - completed,
+            inline=int(st.inline_ops),
+            pauses=int(st.pauses),
+            spurious_resumes=int(st.spurious_resumes),
+            queue_full=int(st.queue_full),
+            errors=int(st.errors),
+            notify_callback=int(st.notify_callback),
+            notify_fd=int(st.notify_fd),
+            sign_ops=int(st.sign_ops),
+            decrypt_ops=int(st.decrypt_ops),
+            cipher_ops=int(st.cipher_ops),
+            mean_latency_ms=(st.latency_ns_total / completed / 1e6) if completed else 0.0,
+            max_latency_ms=st.latency_ns_max / 1e6,
+            min_stack_headroom=int(st.min_stack_headroom),
+        )
+
+    def reset_stats(self) -> None:
+        """Zero the counters."""
+        lib.asx_pool_reset_stats(self._pool)
+
+    def _set_faults(self, **faults: int) -> None:
+        f = ffi.new("asx_faults *")
+        lib.asx_pool_get_faults(self._pool, f)
+        for key, value in faults.items():
+            setattr(f, key, int(value))
+        lib.asx_pool_set_faults(self._pool, f)
+
+    def _get_faults(self) -> dict[str, int]:
+        f = ffi.new("asx_faults *")
+        lib.asx_pool_get_faults(self._pool, f)
+        return {k: int(getattr(f, k)) for k in (
+            "latency_us", "late_ms", "eagain_count", "err_count", "early_count",
+            "duplicate_count", "fd_only", "max_queue")}
+
+    def close(self) -> None:
+        """Drain queued operations and join the workers (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        lib.asx_pool_close(self._pool)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Offload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Contexts keep their Offload alive, so no SSL_CTX uses the library
+        # context any more when this runs.
+        pool = getattr(self, "_pool", None)
+        libctx = getattr(self, "_libctx", None)
+        if pool is None or libctx is None or _exiting:
+            return
+        self.close()
+        lib.asx_unload_providers(libctx)
+        lib.OSSL_LIB_CTX_free(libctx)
+        lib.asx_pool_unref(pool)
+
+    def __repr__(self) -> str:
+        return f"<Offload workers={self.workers} providers={self._providers}>"
+
+
+_default: Offload | None = None
+_default_lock = threading.Lock()
+_exiting = False
+
+
+def default_offload() -> Offload:
+    """A process-wide :class:`Offload` with one worker per CPU, made on first use."""
+    global _default
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = Offload()
+        return _default
+
+
+@atexit.register
+def _close_all() -> None:
+    global _exiting
+    _exiting = True
+    for off in list(_live):
+        off.close()

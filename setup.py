@@ -1,0 +1,5 @@
+"""setuptools entry: builds the cffi extension against the system OpenSSL."""
+
+from setuptools import setup
+
+setup(cffi_modules=["anyio_asyncssl/_native/build.py:ffibuilder"])
