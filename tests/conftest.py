@@ -1,0 +1,67 @@
+"""Shared fixtures: a test PKI (trustme), an Offload with a test engine."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+import anyio_asyncssl as A
+from anyio_asyncssl.testing import TestEngine
+
+
+@dataclass
+class Pki:
+    ca: trustme.CA
+    ca_file: Path
+    rsa_file: Path  # key + chain, PEM
+    ec_file: Path
+    client_file: Path  # a client certificate (mTLS)
+    tmp: Path
+
+    def server_ctx(self, kind: str = "rsa", offload: A.Offload | None = None,
+                   **kw: object) -> A.TLSContext:
+        ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=offload, **kw)  # type: ignore[arg-type]
+        ctx.load_cert_chain(self.rsa_file if kind == "rsa" else self.ec_file)
+        return ctx
+
+    def client_ctx(self, offload: A.Offload | None = None) -> A.TLSContext:
+        return A.create_default_context(cafile=self.ca_file, offload=offload)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    tmp = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp / "ca.pem")
+    rsa = ca.issue_cert("localhost", "127.0.0.1", "::1", "example.com",
+                        key_type=trustme.KeyType.RSA)
+    rsa.private_key_and_cert_chain_pem.write_to_path(tmp / "rsa.pem")
+    ec = ca.issue_cert("localhost", "127.0.0.1", "::1", "example.com",
+                       key_type=trustme.KeyType.ECDSA)
+    ec.private_key_and_cert_chain_pem.write_to_path(tmp / "ec.pem")
+    client = ca.issue_cert("client@example.com", common_name="test client")
+    client.private_key_and_cert_chain_pem.write_to_path(tmp / "client.pem")
+    return Pki(ca, tmp / "ca.pem", tmp / "rsa.pem", tmp / "ec.pem", tmp / "client.pem", tmp)
+
+
+@pytest.fixture(scope="session")
+def offload() -> Iterator[A.Offload]:
+    off = A.Offload(workers=2)
+    yield off
+    off.close()
+
+
+@pytest.fixture
+def engine(offload: A.Offload) -> Iterator[TestEngine]:
+    """The session offload's test engine, with faults cleared before and after."""
+    eng = TestEngine(offload)
+    eng.clear()
+    eng.set_record_pauses(True)
+    yield eng
+    eng.clear()
+    eng.set_record_pauses(True)
