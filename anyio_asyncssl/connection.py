@@ -492,6 +492,15 @@ class TLSConnection:
     def has_bytes_to_send(self) -> bool:
         return bool(self._outgoing)
 
+    def take_unread_input(self) -> bytes:
+        """Ciphertext received but not consumed by OpenSSL (after unwrap: trailing data)."""
+        chunks = []
+        while True:
+            n = lib.asx_conn_take_input(self._c, self._out, OUT_BUFFER_SIZE)
+            if n == 0:
+                return b"".join(chunks)
+            chunks.append(ffi.buffer(self._out, n)[:])
+
     # -- async state ----------------------------------------------------------
     @property
     def pending_operation(self) -> Operation | None:

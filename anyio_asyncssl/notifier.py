@@ -19,6 +19,7 @@ with ``anyio.wait_readable`` and dispatches ids to waiting tasks.
 
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Any
 
@@ -72,3 +73,135 @@ class Notifier:
         if ptr is not None and ptr != ffi.NULL:
             lib.asx_notifier_free(ptr)
             self.ptr = None
+
+
+# -- waiting inside an event loop ----------------------------------------------
+# One dispatcher per running event loop.  asyncio: the loop's add_reader()
+# calls _dispatch (no task needed).  trio: a system task waits on the fd.
+# Waiting tasks park on their own anyio.Event, keyed by connection id.
+
+class LoopDispatcher:
+    """Routes notifier wake-ups to the tasks of one event loop."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.waiters: dict[int, Any] = {}   # connection id -> anyio.Event
+        self.job_waiters: collections.deque[Any] = collections.deque()
+        self.wakeups = 0                    # drains that found work (for tests)
+        self.job_waits = 0
+
+    def dispatch(self) -> None:
+        ids = self.notifier.drain()
+        from .connection import reap_parked
+
+        if ids is None:  # the queue overflowed: everyone re-checks
+            for ev in list(self.waiters.values()):
+                ev.set()
+        else:
+            for conn_id in ids:
+                ev = self.waiters.get(conn_id)
+                if ev is not None:
+                    ev.set()
+        self.wakeups += 1
+        reap_parked()
+
+    def release_job_waiter(self) -> None:
+        """A step finished or did not pause: one WANT_ASYNC_JOB waiter may retry."""
+        if self.job_waiters:
+            self.job_waiters.popleft().set()
+
+    async def wait_for_job(self, timeout: float) -> None:
+        """Wait for a job slot (after WANT_ASYNC_JOB); ``timeout`` bounds a lost wake-up."""
+        import anyio
+
+        self.job_waits += 1
+        ev = anyio.Event()
+        self.job_waiters.append(ev)
+        try:
+            with anyio.move_on_after(timeout):
+                await ev.wait()
+        finally:
+            if not ev.is_set():
+                try:
+                    self.job_waiters.remove(ev)
+                except ValueError:
+                    pass
+
+    async def wait(self, conn_id: int, ready: Any) -> None:
+        """Wait until a wake-up for ``conn_id`` arrives, unless ``ready()`` already holds."""
+        import anyio
+
+        if ready():
+            return
+        ev = anyio.Event()
+        self.waiters[conn_id] = ev
+        try:
+            if not ready():  # a wake-up may have come in meanwhile
+                await ev.wait()
+        finally:
+            if self.waiters.get(conn_id) is ev:
+                del self.waiters[conn_id]
+
+
+_dispatchers: dict[Any, LoopDispatcher] = {}
+
+
+def current_dispatcher() -> LoopDispatcher:
+    """The dispatcher of the running event loop (asyncio or trio), made on first use."""
+    import anyio.lowlevel
+
+    backend = anyio.lowlevel.get_async_backend().__name__
+    lib_name = {"TrioBackend": "trio", "AsyncIOBackend": "asyncio"}.get(backend, backend)
+    if lib_name == "trio":
+        import trio
+
+        key: Any = trio.lowlevel.current_root_task()
+        d = _dispatchers.get(key)
+        if d is None:
+            d = LoopDispatcher(Notifier.for_current_thread())
+            _dispatchers[key] = d
+            trio.lowlevel.spawn_system_task(_trio_dispatch_loop, d, key,
+                                            name="anyio_asyncssl notifier")
+        return d
+    if lib_name == "asyncio":
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        d = _dispatchers.get(loop)
+        if d is None or loop.is_closed():
+            d = LoopDispatcher(Notifier.for_current_thread())
+            _dispatchers[loop] = d
+            loop.add_reader(d.notifier.fileno(), d.dispatch)
+            _forget_when_closed(loop, d)
+        return d
+    raise RuntimeError(f"anyio_asyncssl does not support the {lib_name!r} event loop")
+
+
+async def _trio_dispatch_loop(d: LoopDispatcher, key: Any) -> None:
+    import trio
+
+    fd = d.notifier.fileno()
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            d.dispatch()
+    finally:
+        _dispatchers.pop(key, None)
+
+
+def _forget_when_closed(loop: Any, d: LoopDispatcher) -> None:
+    """Drop the loop's entry (and its fd registration) when the loop closes."""
+    original_close = loop.close
+
+    def close() -> None:
+        _dispatchers.pop(loop, None)
+        try:
+            if not loop.is_closed():
+                loop.remove_reader(d.notifier.fileno())
+        finally:
+            original_close()
+
+    try:
+        loop.close = close
+    except AttributeError:  # pragma: no cover - exotic loops
+        pass

@@ -195,6 +195,8 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen,
 int asx_async_callback(SSL *s, void *arg);
 /* receive_eof(): an empty read BIO now means EOF */
 void asx_conn_set_eof(asx_conn *c);
+/* unwrap(): ciphertext the peer sent after its close_notify */
+size_t asx_conn_take_input(asx_conn *c, unsigned char *out, size_t cap);
 /* ciphers both sides offer (server side, after the handshake) */
 int asx_shared_ciphers(SSL *s, const SSL_CIPHER **out, int cap);
 

@@ -333,6 +333,7 @@ int asx_conn_free(asx_conn *c);
 void asx_conn_set_notifier(asx_conn *c, asx_notifier *n);
 void asx_conn_set_async(asx_conn *c, int on);
 void asx_conn_set_eof(asx_conn *c);
+size_t asx_conn_take_input(asx_conn *c, unsigned char *out, size_t cap);
 void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t arg,
               unsigned char *out, size_t outcap, asx_result *r);
 int asx_shared_ciphers(SSL *s, const SSL_CIPHER **out, int cap);
@@ -386,5 +387,22 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
+    # Build in a scratch directory, then rename into place: a process that
+    # has the old module mapped keeps a valid file.
+    import glob
+    import shutil
+    import tempfile
+
     os.chdir(ROOT)
-    ffibuilder.compile(verbose="-v" in sys.argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in SOURCES + ["asyncssl.h"]:
+            os.makedirs(os.path.join(tmp, os.path.relpath(HERE, ROOT)), exist_ok=True)
+            shutil.copy(os.path.join(HERE, src), os.path.join(tmp, os.path.relpath(HERE, ROOT)))
+        os.chdir(tmp)
+        built = ffibuilder.compile(tmpdir=tmp, verbose="-v" in sys.argv)
+        target = os.path.join(HERE, os.path.basename(built))
+        shutil.copy(built, target + ".new")
+        os.replace(target + ".new", target)
+        for stale in glob.glob(os.path.join(HERE, "_openssl*.so")):
+            if stale != target:
+                os.remove(stale)

@@ -513,3 +513,14 @@ int asx_shared_ciphers(SSL *s, const SSL_CIPHER **out, int cap)
     }
     return n;
 }
+
+size_t asx_conn_take_input(asx_conn *c, unsigned char *out, size_t cap)
+{
+    size_t pending = BIO_ctrl_pending(c->rbio);
+    int got;
+
+    if (pending == 0 || cap == 0)
+        return pending;
+    got = BIO_read(c->rbio, out, (int)(pending < cap ? pending : cap));
+    return got > 0 ? (size_t)got : 0;
+}

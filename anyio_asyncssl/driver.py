@@ -1,0 +1,280 @@
+"""The driver: one retry loop that runs TLSConnection operations over a transport.
+
+Theory of operation
+-------------------
+Every public operation of both faces (anyio and trio) goes through
+:meth:`Driver._run`, which repeats one sans-IO step until it is done:
+
+* ``WANT_READ``: receive ciphertext from the transport (under the receive
+  lock) and retry;
+* ``WANT_ASYNC``: an OpenSSL async job is paused inside the step.  From here
+  until the job finishes, the task is inside a *shielded* cancel scope: it
+  waits for the engine and retries the same step, because OpenSSL cannot
+  cancel a job and the next SSL call on this connection would resume it
+  whatever it is (DESIGN rules 1 and 4).  How to wait depends on
+  ``SSL_get_async_status`` (rule 7): OK -> the C callback's wake-up through
+  the loop's notifier; EAGAIN -> retry after a short, growing sleep; ERR ->
+  retry at once so the job can finish (it fails, AsyncEngineError);
+  UNSUPPORTED -> wait on the engine's fds.  Wake-ups are level-style: the
+  connection's wake-up counter is read before each step, so one that came
+  early (even inside the step) is never lost, and a spurious one only costs
+  a retry (rule 5).
+* ``WANT_ASYNC_JOB``: the thread's job pool is empty: wait until another
+  step finishes or does not pause; every such step wakes one waiter (rule 8).
+
+After every step the ciphertext it produced is sent, in order, under the
+send lock.  One task may send while another receives (full duplex): the SSL
+calls themselves never await, so they cannot interleave, and WANT_READ ends
+a job.  While a job is paused every other operation waits for that pause to
+end, so the two directions never interleave inside a pause.
+
+Cancellation: a read that completed inside the shield keeps its plaintext
+for the next read; ciphertext not yet sent stays queued and goes out with
+the next flush; a send interrupted half way breaks the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from .connection import AsyncStatus, Operation, Status, TLSConnection
+from .errors import AsyncEngineError
+from .notifier import LoopDispatcher, current_dispatcher
+
+__all__ = ["Driver"]
+
+_EAGAIN_FIRST = 0.0002
+_EAGAIN_MAX = 0.02
+_JOB_WAIT_MAX = 0.05
+_ERR_RETRIES = 100
+
+
+class Driver:
+    """Runs one TLSConnection over ``send(bytes)`` / ``receive() -> bytes`` (b"" = EOF)."""
+
+    def __init__(
+        self,
+        conn: TLSConnection,
+        send: Callable[[bytes], Awaitable[None]],
+        receive: Callable[[], Awaitable[bytes]],
+    ) -> None:
+        self.conn = conn
+        self._send = send
+        self._receive = receive
+        self._send_lock = anyio.Lock()
+        self._recv_lock = anyio.Lock()
+        self._pause_end = anyio.Event()
+        self._pause_end.set()
+        self._stash: list[bytes] = []
+        self._dispatcher: LoopDispatcher | None = None
+        self._fds: set[int] = set()
+        self.transport_eof = False
+        self.broken: BaseException | None = None
+        self.pauses = 0
+
+    # -- the loop --------------------------------------------------------------
+    def _bind(self) -> LoopDispatcher:
+        d = current_dispatcher()
+        if self._dispatcher is not d:
+            self._dispatcher = d
+            self.conn.attach_notifier(d.notifier)
+        return d
+
+    async def _run(self, op: int, step: Callable[[bytes], Status]) -> Status:
+        conn = self.conn
+        d = self._dispatcher or self._bind()
+        incoming = b""
+        while True:
+            pending = conn.pending_operation
+            while pending is not None and pending != op:
+                await self._pause_end.wait()
+                pending = conn.pending_operation
+            before = conn.wakeups
+            status = step(incoming)
+            incoming = b""
+            if status is Status.WANT_ASYNC:
+                status = await self._finish_job(step, before)
+            if status is not Status.WANT_ASYNC_JOB:
+                d.release_job_waiter()
+            if conn.has_bytes_to_send():
+                await self._flush()
+            if status is Status.DONE or status is Status.CLOSED:
+                return status
+            if status is Status.WANT_READ:
+                incoming = await self._receive_some()
+            elif status is Status.WANT_ASYNC_JOB:
+                await d.wait_for_job(_JOB_WAIT_MAX)
+
+    async def _finish_job(self, step: Callable[[bytes], Status], before: int) -> Status:
+        """A job is paused: wait for the engine and retry until it has finished."""
+        self.pauses += 1
+        self._pause_end = pause_end = anyio.Event()
+        status = Status.WANT_ASYNC
+        eagain_delay = _EAGAIN_FIRST
+        err_retries = 0
+        try:
+            with anyio.CancelScope(shield=True):
+                while status is Status.WANT_ASYNC:
+                    st = self.conn.async_status
+                    if st is AsyncStatus.OK:
+                        await self._wait_callback(before)
+                    elif st is AsyncStatus.EAGAIN:
+                        await anyio.sleep(eagain_delay)
+                        eagain_delay = min(eagain_delay * 2, _EAGAIN_MAX)
+                    elif st is AsyncStatus.ERR:
+                        err_retries += 1
+                        if err_retries > _ERR_RETRIES:
+                            raise AsyncEngineError(
+                                "offload engine reported ASYNC_STATUS_ERR and its job never "
+                                "finished; the connection is abandoned (parked)")
+                        await anyio.sleep(0 if err_retries < 10 else 0.001)
+                    else:
+                        await self._wait_fds()
+                    before = self.conn.wakeups
+                    status = step(b"")
+        finally:
+            if self.conn.pending_operation is None:
+                self._release_fds()
+            pause_end.set()
+        return status
+
+    async def _wait_callback(self, before: int) -> None:
+        conn = self.conn
+        d = self._dispatcher or self._bind()
+        await d.wait(conn.id, lambda: conn.wakeups != before)
+
+    async def _wait_fds(self) -> None:
+        added, removed = self.conn.changed_async_fds()
+        self._fds.difference_update(removed)
+        self._fds.update(added)
+        if not self._fds:
+            self._fds.update(self.conn.all_async_fds())
+        if not self._fds:
+            # an engine with neither callback nor fds: poll
+            await anyio.sleep(0.001)
+            return
+        if len(self._fds) == 1:
+            await anyio.wait_readable(next(iter(self._fds)))
+            return
+        async with anyio.create_task_group() as tg:
+            async def one(fd: int) -> None:
+                await anyio.wait_readable(fd)
+                tg.cancel_scope.cancel()
+
+            for fd in self._fds:
+                tg.start_soon(one, fd)
+
+    def _release_fds(self) -> None:
+        for fd in self._fds:
+            anyio.notify_closing(fd)
+        self._fds.clear()
+
+    # -- transport -------------------------------------------------------------
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            data = self.conn.bytes_to_send()
+            if not data:
+                return
+            try:
+                await self._send(data)
+            except BaseException as exc:
+                # the records are gone half way: the peer can no longer decrypt
+                self.broken = exc
+                raise
+
+    async def _receive_some(self) -> bytes:
+        async with self._recv_lock:
+            if self.transport_eof:
+                self.conn.receive_eof()
+                return b""
+            data = await self._receive()
+            if not data:
+                self.transport_eof = True
+                self.conn.receive_eof()
+            return data
+
+    async def flush(self) -> None:
+        """Send any queued ciphertext."""
+        if self.conn.has_bytes_to_send():
+            await self._flush()
+
+    # -- operations --------------------------------------------------------------
+    async def handshake(self) -> None:
+        await self._run(Operation.HANDSHAKE, self.conn.do_handshake)
+
+    async def read(self, max_bytes: int) -> bytes:
+        """Plaintext, or b"" once the peer's close_notify arrived.
+
+        Raises TLSEOFError on a transport EOF without close_notify.
+        """
+        if self._stash:
+            data = self._stash.pop(0)
+            if len(data) > max_bytes:
+                self._stash.insert(0, data[max_bytes:])
+                data = data[:max_bytes]
+            return data
+        got: list[bytes] = []
+        conn = self.conn
+
+        def step(incoming: bytes) -> Status:
+            st, data = conn.read(max_bytes, incoming)
+            if data:
+                got.append(data)
+            return st
+
+        try:
+            await self._run(Operation.READ, step)
+        except BaseException:
+            if got:  # completed inside the shield, then cancelled: keep it
+                self._stash.append(got[0])
+            raise
+        return got[0] if got else b""
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        conn = self.conn
+        while len(view):
+            sent = 0
+
+            def step(incoming: bytes, chunk: memoryview = view) -> Status:
+                nonlocal sent
+                st, sent = conn.write(chunk, incoming)
+                return st
+
+            await self._run(Operation.WRITE, step)
+            view = view[sent:]
+
+    async def send_close_notify(self) -> None:
+        """Send our close_notify once (no waiting for the peer's)."""
+        if self.conn.close_notify_sent:
+            return
+
+        def step(incoming: bytes) -> Status:
+            return self.conn.shutdown(incoming)
+
+        await self._run(Operation.SHUTDOWN, step)
+
+    async def wait_close_notify(self) -> None:
+        """After our close_notify: read until the peer's arrives (trailing data is kept)."""
+        conn = self.conn
+
+        def step(incoming: bytes) -> Status:
+            st = conn.shutdown(incoming)
+            if st is Status.DONE and not conn.close_notify_received:
+                return Status.WANT_READ
+            return st
+
+        await self._run(Operation.SHUTDOWN, step)
+
+    async def drain_pause(self) -> None:
+        """Wait (shielded) until no job is paused on this connection."""
+        with anyio.CancelScope(shield=True):
+            while self.conn.pending_operation is not None:
+                await self._pause_end.wait()
+
+    def mark_broken(self, exc: BaseException) -> None:
+        if self.broken is None:
+            self.broken = exc
+

@@ -1,0 +1,314 @@
+"""The anyio face: AsyncTLSStream, AsyncTLSListener, connect_tcp.
+
+A drop-in for :mod:`anyio.streams.tls`: ``AsyncTLSStream.wrap()`` mirrors
+``TLSStream.wrap()``, the stream answers anyio's own ``TLSAttribute`` keys, and
+errors use anyio's vocabulary (``BrokenResourceError``, ``EndOfStream``,
+``BusyResourceError``, ``ClosedResourceError``); handshake failures raise
+:class:`~anyio_asyncssl.TLSError` subclasses, which are ``ssl.SSLError``\\ s,
+as anyio's TLSStream raises ``ssl.SSLError``.  The work is done by
+:class:`~anyio_asyncssl.driver.Driver`.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any
+
+import anyio
+from anyio import (
+    BrokenResourceError,
+    BusyResourceError,
+    ClosedResourceError,
+    EndOfStream,
+    aclose_forcefully,
+    get_cancelled_exc_class,
+)
+from anyio.abc import AnyByteStream, ByteStream, Listener, TaskGroup
+from anyio.streams.tls import TLSAttribute
+
+from .connection import TLSConnection, TLSSession
+from .context import TLSContext, create_default_context
+from .driver import Driver
+from .errors import TLSEOFError, TLSError
+from .offload import Offload
+
+__all__ = ["AsyncTLSAttribute", "AsyncTLSListener", "AsyncTLSStream", "connect_tcp"]
+
+
+class AsyncTLSAttribute(anyio.TypedAttributeSet):
+    """Attributes beyond anyio's :class:`~anyio.streams.tls.TLSAttribute`."""
+
+    #: ``SSL_get_async_status`` after the last pause (an AsyncStatus)
+    async_status: Any = anyio.typed_attribute()
+    #: how many times an operation of this stream paused for the engine
+    pauses: int = anyio.typed_attribute()
+    #: whether the session was resumed (a ticket or session id)
+    session_reused: bool = anyio.typed_attribute()
+    #: the session, to pass as ``session=`` to a later connection
+    session: TLSSession | None = anyio.typed_attribute()
+    #: per-connection counters of the async machinery
+    async_stats: dict[str, int] = anyio.typed_attribute()
+    #: the context's Offload (None without offload)
+    offload: Offload | None = anyio.typed_attribute()
+
+
+@dataclass(eq=False)
+class AsyncTLSStream(ByteStream):
+    """A TLS byte stream over ``transport_stream``, driven by OpenSSL's async mode.
+
+    No public initializer; use :meth:`wrap`.  All :class:`TLSAttribute` and
+    :class:`AsyncTLSAttribute` extra attributes are supported.
+    """
+
+    transport_stream: AnyByteStream
+    standard_compatible: bool
+    _conn: TLSConnection
+    _driver: Driver = field(init=False)
+    _sending: bool = field(default=False, init=False)
+    _receiving: bool = field(default=False, init=False)
+    _closed: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        transport = self.transport_stream
+
+        async def receive() -> bytes:
+            try:
+                return await transport.receive()
+            except EndOfStream:
+                return b""
+
+        self._driver = Driver(self._conn, transport.send, receive)
+
+    @classmethod
+    async def wrap(
+        cls,
+        transport_stream: AnyByteStream,
+        *,
+        context: TLSContext | None = None,
+        server_side: bool | None = None,
+        hostname: str | None = None,
+        standard_compatible: bool = True,
+        session: TLSSession | None = None,
+        ssl_context: TLSContext | None = None,
+    ) -> AsyncTLSStream:
+        """Wrap ``transport_stream`` and do the TLS handshake.
+
+        ``server_side`` defaults to ``not hostname``; without ``context`` a
+        secure default is made (``ssl_context`` is accepted as an alias, as in
+        anyio).  ``hostname`` is checked against the certificate and sent as
+        SNI (IDNA 2008).  Raises :class:`~anyio_asyncssl.TLSError` (an
+        ``ssl.SSLError``) if the handshake fails and ``BrokenResourceError``
+        if the transport does.
+        """
+        ctx = context or ssl_context
+        if server_side is None:
+            server_side = not hostname
+        if ctx is None:
+            purpose = ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH
+            ctx = create_default_context(purpose)
+        conn = TLSConnection(ctx, server_side=server_side,
+                             server_hostname=None if server_side else hostname,
+                             session=session)
+        stream = cls(transport_stream=transport_stream, standard_compatible=standard_compatible,
+                     _conn=conn)
+        await stream._call(stream._driver.handshake)
+        return stream
+
+    # -- the one error mapping ----------------------------------------------------
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        d = self._driver
+        if self._closed:
+            raise ClosedResourceError
+        if d.broken is not None:
+            raise BrokenResourceError from d.broken
+        try:
+            return await fn(*args)
+        except TLSEOFError as exc:
+            d.mark_broken(exc)
+            if self.standard_compatible:
+                raise BrokenResourceError from exc
+            raise EndOfStream from None
+        except TLSError as exc:
+            d.mark_broken(exc)
+            raise
+        except (OSError, BrokenResourceError, ClosedResourceError) as exc:
+            if isinstance(exc, ssl.SSLError):
+                raise
+            d.mark_broken(exc)
+            raise BrokenResourceError from exc
+
+    # -- ByteStream ---------------------------------------------------------------
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be a positive integer")
+        if self._receiving:
+            raise BusyResourceError("reading from")
+        self._receiving = True
+        try:
+            data: bytes = await self._call(self._driver.read, max_bytes)
+        finally:
+            self._receiving = False
+        if not data:
+            raise EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        if self._sending:
+            raise BusyResourceError("writing to")
+        self._sending = True
+        try:
+            await self._call(self._driver.write, item)
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        """Send close_notify and keep receiving (TLS 1.3 half-close).
+
+        Raises NotImplementedError on TLS 1.2, whose close_notify also ends
+        the peer's direction.
+        """
+        version = self._conn.version() or ""
+        if version != "TLSv1.3":
+            raise NotImplementedError(
+                f"send_eof() requires TLSv1.3; this session uses {version or 'no TLS yet'}")
+        if self._sending:
+            raise BusyResourceError("writing to")
+        self._sending = True
+        try:
+            await self._call(self._driver.send_close_notify)
+        finally:
+            self._sending = False
+
+    async def unwrap(self) -> tuple[AnyByteStream, bytes]:
+        """Do the TLS closing handshake; return the transport and bytes read past it."""
+        await self._call(self._driver.send_close_notify)
+        await self._call(self._driver.wait_close_notify)
+        trailing = self._conn.take_unread_input()
+        self._closed = True
+        self._conn.free()
+        return self.transport_stream, trailing
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        d = self._driver
+        try:
+            await d.drain_pause()
+            if self.standard_compatible and d.broken is None:
+                try:
+                    await self.unwrap()
+                except BaseException:
+                    await aclose_forcefully(self.transport_stream)
+                    raise
+        finally:
+            self._closed = True
+            self._conn.free()
+        await self.transport_stream.aclose()
+
+    # -- attributes -----------------------------------------------------------------
+    @property
+    def ssl_object(self) -> TLSConnection:
+        return self._conn
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        conn = self._conn
+        return {
+            **self.transport_stream.extra_attributes,
+            TLSAttribute.alpn_protocol: conn.selected_alpn_protocol,
+            TLSAttribute.channel_binding_tls_unique: conn.get_channel_binding,
+            TLSAttribute.cipher: conn.cipher,
+            TLSAttribute.peer_certificate: lambda: conn.getpeercert(False),
+            TLSAttribute.peer_certificate_binary: lambda: conn.getpeercert(True),
+            TLSAttribute.server_side: lambda: conn.server_side,
+            TLSAttribute.shared_ciphers: lambda: (
+                conn.shared_ciphers() if conn.server_side else None),
+            TLSAttribute.standard_compatible: lambda: self.standard_compatible,
+            TLSAttribute.ssl_object: lambda: conn,
+            TLSAttribute.tls_version: conn.version,
+            AsyncTLSAttribute.async_status: lambda: conn.async_status,
+            AsyncTLSAttribute.pauses: lambda: self._driver.pauses,
+            AsyncTLSAttribute.session_reused: lambda: conn.session_reused,
+            AsyncTLSAttribute.session: lambda: conn.session,
+            AsyncTLSAttribute.async_stats: conn.stats,
+            AsyncTLSAttribute.offload: lambda: conn.context.offload,
+        }
+
+
+@dataclass(eq=False)
+class AsyncTLSListener(Listener[AsyncTLSStream]):
+    """Wraps a listener; every accepted connection gets a TLS handshake.
+
+    Mirrors :class:`anyio.streams.tls.TLSListener`.  A handshake that fails
+    or exceeds ``handshake_timeout`` goes to :meth:`handle_handshake_error`.
+    """
+
+    listener: Listener[Any]
+    context: TLSContext
+    standard_compatible: bool = True
+    handshake_timeout: float = 30
+
+    @staticmethod
+    async def handle_handshake_error(exc: BaseException, stream: AnyByteStream) -> None:
+        """Close the stream; log the error unless it is a cancellation; re-raise base ones."""
+        await aclose_forcefully(stream)
+        if not isinstance(exc, get_cancelled_exc_class()):
+            logging.getLogger(__name__).exception("Error during TLS handshake", exc_info=exc)
+        if not isinstance(exc, Exception) or isinstance(exc, get_cancelled_exc_class()):
+            raise exc
+
+    async def serve(
+        self,
+        handler: Callable[[AsyncTLSStream], Any],
+        task_group: TaskGroup | None = None,
+    ) -> None:
+        @wraps(handler)
+        async def handler_wrapper(stream: AnyByteStream) -> None:
+            try:
+                with anyio.fail_after(self.handshake_timeout):
+                    wrapped = await AsyncTLSStream.wrap(
+                        stream, context=self.context, server_side=True,
+                        standard_compatible=self.standard_compatible)
+            except BaseException as exc:
+                await self.handle_handshake_error(exc, stream)
+            else:
+                await handler(wrapped)
+
+        await self.listener.serve(handler_wrapper, task_group)
+
+    async def aclose(self) -> None:
+        await self.listener.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {TLSAttribute.standard_compatible: lambda: self.standard_compatible}
+
+
+async def connect_tcp(
+    remote_host: str,
+    remote_port: int,
+    *,
+    context: TLSContext | None = None,
+    hostname: str | None = None,
+    local_host: str | None = None,
+    happy_eyeballs_delay: float = 0.25,
+    standard_compatible: bool = True,
+    session: TLSSession | None = None,
+) -> AsyncTLSStream:
+    """Connect over TCP and wrap with TLS, like ``anyio.connect_tcp(..., tls=True)``.
+
+    ``hostname`` (default: ``remote_host``) is verified and sent as SNI.
+    """
+    stream = await anyio.connect_tcp(remote_host, remote_port, local_host=local_host,
+                                     happy_eyeballs_delay=happy_eyeballs_delay)
+    try:
+        return await AsyncTLSStream.wrap(
+            stream, context=context, server_side=False, hostname=hostname or remote_host,
+            standard_compatible=standard_compatible, session=session)
+    except BaseException:
+        await aclose_forcefully(stream)
+        raise
