@@ -213,4 +213,8 @@ int asx_ctx_set_keylog_fd(asx_ctx_ext *e, int fd);
 int asx_ctx_add_sni(asx_ctx_ext *e, const char *hostname, SSL_CTX *ctx);
 uint64_t asx_ctx_sni_hits(asx_ctx_ext *e);
 
+/* certgen.c: a self-signed certificate (OPENSSL_malloc'ed PEM strings) */
+int asx_self_signed(const char *common_name, const char *san, const char *key_type, int bits,
+                    int days, char **cert_pem, char **key_pem);
+
 #endif
