@@ -241,6 +241,16 @@ import atexit  # noqa: E402
 atexit.register(_free_at_exit)
 
 
+class _Freed:
+    """Stands in for the C connection after free(): any use is a clear error."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise TLSError("the TLS connection was freed")
+
+
+_FREED: Any = _Freed()
+
+
 def _bound(self: TLSConnection) -> int:
     """Return the owning thread id, binding it on first use."""
     me = threading.get_ident()
@@ -330,8 +340,13 @@ class TLSConnection:
 
     # -- lifetime ---------------------------------------------------------------
     def free(self) -> None:
-        """Release the SSL object now (parked instead while a job is paused)."""
+        """Release the SSL object now (parked instead while a job is paused).
+
+        Afterwards every method raises TLSError; dropping the last reference
+        does the same implicitly.
+        """
         self._h.release()
+        self._c = _FREED
 
     def __del__(self) -> None:
         h = getattr(self, "_h", None)

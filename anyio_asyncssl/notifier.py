@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 from typing import Any
 
 from ._ffi import ffi, lib
@@ -143,7 +144,9 @@ class LoopDispatcher:
                 del self.waiters[conn_id]
 
 
-_dispatchers: dict[Any, LoopDispatcher] = {}
+_dispatchers: dict[Any, LoopDispatcher] = {}  # trio: root task -> dispatcher
+_asyncio_dispatchers: weakref.WeakKeyDictionary[Any, LoopDispatcher] = (
+    weakref.WeakKeyDictionary())
 
 
 def current_dispatcher() -> LoopDispatcher:
@@ -167,10 +170,10 @@ def current_dispatcher() -> LoopDispatcher:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        d = _dispatchers.get(loop)
-        if d is None or loop.is_closed():
+        d = _asyncio_dispatchers.get(loop)
+        if d is None:
             d = LoopDispatcher(Notifier.for_current_thread())
-            _dispatchers[loop] = d
+            _asyncio_dispatchers[loop] = d
             loop.add_reader(d.notifier.fileno(), d.dispatch)
             _forget_when_closed(loop, d)
         return d
@@ -194,7 +197,7 @@ def _forget_when_closed(loop: Any, d: LoopDispatcher) -> None:
     original_close = loop.close
 
     def close() -> None:
-        _dispatchers.pop(loop, None)
+        _asyncio_dispatchers.pop(loop, None)
         try:
             if not loop.is_closed():
                 loop.remove_reader(d.notifier.fileno())

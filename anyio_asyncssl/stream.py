@@ -189,7 +189,6 @@ class AsyncTLSStream(ByteStream):
         await self._call(self._driver.wait_close_notify)
         trailing = self._conn.take_unread_input()
         self._closed = True
-        self._conn.free()
         return self.transport_stream, trailing
 
     async def aclose(self) -> None:
@@ -205,8 +204,8 @@ class AsyncTLSStream(ByteStream):
                     await aclose_forcefully(self.transport_stream)
                     raise
         finally:
+            # the SSL object is freed with the stream (attributes stay readable)
             self._closed = True
-            self._conn.free()
         await self.transport_stream.aclose()
 
     # -- attributes -----------------------------------------------------------------
