@@ -509,7 +509,7 @@ class TLSConnection:
 
     def take_unread_input(self) -> bytes:
         """Ciphertext received but not consumed by OpenSSL (after unwrap: trailing data)."""
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             n = lib.asx_conn_take_input(self._c, self._out, OUT_BUFFER_SIZE)
             if n == 0:

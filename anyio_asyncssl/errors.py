@@ -30,9 +30,6 @@ class TLSError(ssl.SSLError):
     every ``(library, reason, detail)`` that was on the error queue.
     """
 
-    library: str | None
-    reason: str | None
-
     def __init__(
         self,
         message: str,
@@ -42,8 +39,9 @@ class TLSError(ssl.SSLError):
         errors: tuple[tuple[str, str, str], ...] = (),
     ) -> None:
         super().__init__(1, message)
-        self.library = library
-        self.reason = reason
+        # like the stdlib's, None when OpenSSL gave none
+        self.library = library  # type: ignore[assignment]
+        self.reason = reason  # type: ignore[assignment]
         self.errors = errors
         self.message = message
 

@@ -20,6 +20,7 @@ with ``anyio.wait_readable`` and dispatches ids to waiting tasks.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import weakref
 from typing import Any
@@ -151,11 +152,7 @@ _asyncio_dispatchers: weakref.WeakKeyDictionary[Any, LoopDispatcher] = (
 
 def current_dispatcher() -> LoopDispatcher:
     """The dispatcher of the running event loop (asyncio or trio), made on first use."""
-    import anyio.lowlevel
-
-    backend = anyio.lowlevel.get_async_backend().__name__
-    lib_name = {"TrioBackend": "trio", "AsyncIOBackend": "asyncio"}.get(backend, backend)
-    if lib_name == "trio":
+    if _in_trio():
         import trio
 
         key: Any = trio.lowlevel.current_root_task()
@@ -166,18 +163,30 @@ def current_dispatcher() -> LoopDispatcher:
             trio.lowlevel.spawn_system_task(_trio_dispatch_loop, d, key,
                                             name="anyio_asyncssl notifier")
         return d
-    if lib_name == "asyncio":
-        import asyncio
+    import asyncio
 
+    try:
         loop = asyncio.get_running_loop()
-        d = _asyncio_dispatchers.get(loop)
-        if d is None:
-            d = LoopDispatcher(Notifier.for_current_thread())
-            _asyncio_dispatchers[loop] = d
-            loop.add_reader(d.notifier.fileno(), d.dispatch)
-            _forget_when_closed(loop, d)
-        return d
-    raise RuntimeError(f"anyio_asyncssl does not support the {lib_name!r} event loop")
+    except RuntimeError:
+        raise RuntimeError("anyio_asyncssl needs a running asyncio or trio event loop") from None
+    d = _asyncio_dispatchers.get(loop)
+    if d is None:
+        d = LoopDispatcher(Notifier.for_current_thread())
+        _asyncio_dispatchers[loop] = d
+        loop.add_reader(d.notifier.fileno(), d.dispatch)
+        _forget_when_closed(loop, d)
+    return d
+
+
+def _in_trio() -> bool:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
 
 
 async def _trio_dispatch_loop(d: LoopDispatcher, key: Any) -> None:
