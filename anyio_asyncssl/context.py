@@ -204,7 +204,8 @@ class TLSContext:
         async_mode: AsyncMode | None = None,
     ) -> None:
         if protocol not in (ssl.PROTOCOL_TLS_CLIENT, ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS):
-            raise ValueError("protocol must be PROTOCOL_TLS_CLIENT, PROTOCOL_TLS_SERVER or PROTOCOL_TLS")
+            raise ValueError(
+                "protocol must be PROTOCOL_TLS_CLIENT, PROTOCOL_TLS_SERVER or PROTOCOL_TLS")
         self.protocol = protocol
         self._offload = offload
         self._property_query = offload.property_query if offload is not None else None
@@ -226,8 +227,10 @@ class TLSContext:
             lib.SSL_OP_ALL | lib.SSL_OP_NO_COMPRESSION | lib.SSL_OP_NO_RENEGOTIATION
             | lib.SSL_OP_CIPHER_SERVER_PREFERENCE
         )
-        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_min_proto_version(ctx, lib.TLS1_2_VERSION)))
-        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_cipher_list(ctx, DEFAULT_CIPHERS.encode())))
+        self._apply(lambda ctx: self._check(
+            lib.SSL_CTX_set_min_proto_version(ctx, lib.TLS1_2_VERSION)))
+        self._apply(lambda ctx: self._check(
+            lib.SSL_CTX_set_cipher_list(ctx, DEFAULT_CIPHERS.encode())))
         self._apply(lambda ctx: self._check(lib.SSL_CTX_set_session_id_context(
             ctx, _SESSION_ID_CONTEXT, len(_SESSION_ID_CONTEXT))))
         if protocol == ssl.PROTOCOL_TLS_CLIENT:

@@ -361,8 +361,11 @@ CFLAGS = [
     "-pthread",
 ]
 
+LDFLAGS = ["-pthread"]
+
 if os.environ.get("ASYNCSSL_ASAN"):
     CFLAGS += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g", "-O1"]
+    LDFLAGS += ["-fsanitize=address"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(TYPES + OPENSSL_FUNCS + OUR_FUNCS)
@@ -386,7 +389,7 @@ ffibuilder.set_source(
     include_dirs=[os.path.relpath(HERE, ROOT)],
     libraries=["ssl", "crypto"],
     extra_compile_args=CFLAGS,
-    extra_link_args=["-pthread"] + (["-fsanitize=address"] if os.environ.get("ASYNCSSL_ASAN") else []),
+    extra_link_args=LDFLAGS,
 )
 
 if __name__ == "__main__":
@@ -398,7 +401,7 @@ if __name__ == "__main__":
 
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
-        for src in SOURCES + ["asyncssl.h"]:
+        for src in [*SOURCES, "asyncssl.h"]:
             os.makedirs(os.path.join(tmp, os.path.relpath(HERE, ROOT)), exist_ok=True)
             shutil.copy(os.path.join(HERE, src), os.path.join(tmp, os.path.relpath(HERE, ROOT)))
         os.chdir(tmp)
