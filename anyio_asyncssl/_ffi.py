@@ -20,12 +20,16 @@ lib: Any = _lib
 OPENSSL_VERSION_NUMBER: int = int(lib.OpenSSL_version_num())
 OPENSSL_VERSION: str = ffi.string(lib.OpenSSL_version(0)).decode()
 
-if OPENSSL_VERSION_NUMBER < 0x30000000:
-    raise ImportError(
-        f"anyio_asyncssl needs OpenSSL >= 3.0 at run time, found {OPENSSL_VERSION}"
-    )
-if not lib.ASYNC_is_capable():
-    raise ImportError(
-        "anyio_asyncssl needs OpenSSL's ASYNC job support (ASYNC_is_capable() is false "
-        f"for {OPENSSL_VERSION} on this platform)"
-    )
+
+def check_runtime(version_number: int, version: str, async_capable: bool) -> None:
+    """Raise ImportError unless OpenSSL is >= 3.0 with ASYNC job support."""
+    if version_number < 0x30000000:
+        raise ImportError(
+            f"anyio_asyncssl needs OpenSSL >= 3.0 at run time, found {version}")
+    if not async_capable:
+        raise ImportError(
+            "anyio_asyncssl needs OpenSSL's ASYNC job support (ASYNC_is_capable() is false "
+            f"for {version} on this platform)")
+
+
+check_runtime(OPENSSL_VERSION_NUMBER, OPENSSL_VERSION, bool(lib.ASYNC_is_capable()))

@@ -528,6 +528,11 @@ class TLSConnection:
         return self._async_status
 
     @property
+    def async_active(self) -> bool:
+        """Whether SSL calls currently run in OpenSSL async jobs (SSL_MODE_ASYNC)."""
+        return bool(self._c.async_mode)
+
+    @property
     def wakeups(self) -> int:
         """How often the async callback fired for this connection."""
         return int(self._c.wakeups)
