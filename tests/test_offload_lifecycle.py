@@ -9,12 +9,11 @@ import textwrap
 import threading
 
 import pytest
+from conftest import Pki
 
 import anyio_asyncssl as A
 from anyio_asyncssl._ffi import check_runtime
 from anyio_asyncssl.testing import TestEngine, pump
-
-from conftest import Pki
 
 
 def test_import_refuses_old_openssl() -> None:
