@@ -151,18 +151,20 @@ _counters = {"created": 0, "freed": 0, "parked": 0, "reaped": 0, "leaked": 0}
 class _Handle:
     """Owns the asx_conn* and what its C side points into."""
 
-    __slots__ = ("__weakref__", "conn", "keepalive", "owner", "result")
+    __slots__ = ("__weakref__", "conn", "keepalive", "owner", "parked", "result")
 
     def __init__(self, conn: Any, keepalive: list[Any]) -> None:
         self.conn = conn
         self.keepalive = keepalive
         self.owner: int | None = None
+        self.parked = False
         self.result = ffi.new("asx_result *")
 
     def release(self) -> None:
         """Free now, or park when a job is paused (never SSL_free a paused job)."""
         c = self.conn
-        if c is None:
+        if c is None or self.parked:
+            # freed, or already parked (free() and then __del__ both release)
             return
         if c.pending_op == lib.ASX_OP_NONE:
             lib.asx_conn_free(c)
@@ -170,6 +172,7 @@ class _Handle:
             with _lock:
                 _counters["freed"] += 1
             return
+        self.parked = True
         with _lock:
             _parked.setdefault(self.owner or 0, []).append(self)
             _counters["parked"] += 1
@@ -410,6 +413,12 @@ class TLSConnection:
             errors = drain_queue()
             code = int(lib.SSL_get_verify_result(self._c.ssl))
             vmsg = ffi.string(lib.X509_verify_cert_error_string(code)).decode()
+            # like the stdlib: name what the certificate did not match
+            if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+                vmsg = f"Hostname mismatch, certificate is not valid for {self.server_hostname!r}."
+            elif code == 64:  # X509_V_ERR_IP_ADDRESS_MISMATCH
+                vmsg = ("IP address mismatch, certificate is not valid for "
+                        f"{self.server_hostname!r}.")
             raise CertificateVerifyError(
                 f"certificate verify failed: {vmsg}", verify_code=code, verify_message=vmsg,
                 errors=errors)
@@ -446,6 +455,7 @@ class TLSConnection:
         first call's buffer, and other data raises OperationInProgressError.
         """
         c = self._c
+        _bound(self)  # before touching the pinned buffer: the owner may be inside SSL_write
         if c.pending_op == lib.ASX_OP_WRITE:
             n = c.write_len
             if bytes(memoryview(data)[:n]) != ffi.buffer(c.write_buf, n)[:]:
@@ -490,10 +500,12 @@ class TLSConnection:
 
     def receive_eof(self) -> None:
         """The transport ended: once the read BIO is empty, reads see EOF."""
+        _bound(self)
         lib.asx_conn_set_eof(self._c)
 
     def bytes_to_send(self) -> bytes:
         """Everything OpenSSL wrote since the last call (ciphertext for the transport)."""
+        _bound(self)
         r = self._h.result
         lib.asx_step(self._c, 0, ffi.NULL, 0, 0, self._out, OUT_BUFFER_SIZE, r)
         if r.out_len:
@@ -509,6 +521,7 @@ class TLSConnection:
 
     def take_unread_input(self) -> bytes:
         """Ciphertext received but not consumed by OpenSSL (after unwrap: trailing data)."""
+        _bound(self)
         chunks: list[bytes] = []
         while True:
             n = lib.asx_conn_take_input(self._c, self._out, OUT_BUFFER_SIZE)
@@ -703,19 +716,26 @@ def _time(t: Any) -> str:
         lib.BIO_free(bio)
 
 
-def _san(x: Any) -> tuple[tuple[str, str], ...]:
+# GENERAL_NAME types without a cdef (x509v3.h; stable ABI values)
+_GEN_OTHERNAME, _GEN_X400, _GEN_DIRNAME, _GEN_EDIPARTY, _GEN_RID = 0, 3, 4, 5, 8
+
+
+def _san(x: Any) -> tuple[tuple[str, Any], ...]:
     names = lib.X509_get_ext_d2i(x, lib.NID_subject_alt_name, ffi.NULL, ffi.NULL)
     if names == ffi.NULL:
         return ()
     names = ffi.cast("GENERAL_NAMES *", names)
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, Any]] = []
     try:
         for i in range(lib.sk_GENERAL_NAME_num(names)):
             gen = lib.sk_GENERAL_NAME_value(names, i)
             kind = ffi.new("int *")
             val = lib.GENERAL_NAME_get0_value(gen, kind)
-            s = ffi.cast("ASN1_STRING *", val)
-            raw = bytes(ffi.buffer(lib.ASN1_STRING_get0_data(s), lib.ASN1_STRING_length(s)))
+            # only these four are ASN1_STRINGs; DirName is an X509_NAME, RID an
+            # ASN1_OBJECT (reading them as strings crashed the process)
+            if kind[0] in (lib.GEN_DNS, lib.GEN_EMAIL, lib.GEN_URI, lib.GEN_IPADD):
+                s = ffi.cast("ASN1_STRING *", val)
+                raw = bytes(ffi.buffer(lib.ASN1_STRING_get0_data(s), lib.ASN1_STRING_length(s)))
             if kind[0] == lib.GEN_DNS:
                 out.append(("DNS", raw.decode("ascii", "replace")))
             elif kind[0] == lib.GEN_EMAIL:
@@ -730,6 +750,16 @@ def _san(x: Any) -> tuple[tuple[str, str], ...]:
                         f"{int.from_bytes(raw[j:j + 2], 'big'):X}" for j in range(0, 16, 2))))
                 else:
                     out.append(("IP Address", "<invalid>"))
+            elif kind[0] == _GEN_DIRNAME:
+                out.append(("DirName", _name(ffi.cast("X509_NAME *", val))))
+            elif kind[0] == _GEN_RID:
+                txt = ffi.new("char[]", 128)
+                lib.OBJ_obj2txt(txt, 128, ffi.cast("ASN1_OBJECT *", val), 0)
+                out.append(("Registered ID", ffi.string(txt).decode()))
+            elif kind[0] == _GEN_X400:
+                out.append(("X400Name", "<unsupported>"))
+            elif kind[0] == _GEN_EDIPARTY:
+                out.append(("EdiPartyName", "<unsupported>"))
             else:
                 out.append(("othername", "<unsupported>"))
     finally:
@@ -754,5 +784,21 @@ def _decode_cert(x: Any) -> dict[str, Any]:
     san = _san(x)
     if san:
         cert["subjectAltName"] = san
+    for kind, key in ((0, "OCSP"), (1, "caIssuers"), (2, "crlDistributionPoints")):
+        uris = _uris(x, kind)
+        if uris:
+            cert[key] = uris
     return cert
+
+
+def _uris(x: Any, kind: int) -> tuple[str, ...]:
+    cap = 4096
+    while True:
+        buf = ffi.new("char[]", cap)
+        n = lib.asx_cert_uris(x, kind, buf, cap)
+        if n >= 0:
+            break
+        cap *= 4
+    raw = ffi.buffer(buf, cap)[:]
+    return tuple(part.decode("ascii", "replace") for part in raw.split(b"\0")[:n])
 

@@ -119,8 +119,17 @@ def _load_private_key(data: bytes, password: PasswordType, libctx: Any, what: st
             drain_queue()
             raise TLSError(f"{what}: wrong password or corrupt key", library="PEM",
                            reason="BAD_DECRYPT")
-        raise_from_queue(f"{what}: no private key found")
+        _raise_with_context(f"{what}: no private key found")
     return pkey
+
+
+def _raise_with_context(message: str) -> None:
+    """Raise TLSError(``message``: OpenSSL's reason), keeping library/reason/errors."""
+    err = error_from_queue(message)
+    if err.errors:
+        err = TLSError(f"{message}: {err.message}", library=err.library, reason=err.reason,
+                       errors=err.errors)
+    raise err
 
 
 def _x509_from_cadata(cadata: str | bytes | bytearray) -> list[Any]:
@@ -143,14 +152,14 @@ def _x509_from_cadata(cadata: str | bytes | bytearray) -> list[Any]:
     buf = bytes(cadata)
     keep = ffi.from_buffer(buf)
     pp = ffi.new("const unsigned char **", keep)
-    end = ffi.cast("uintptr_t", keep) + len(buf)
-    while ffi.cast("uintptr_t", pp[0]) < end:
-        remaining = int(end - ffi.cast("uintptr_t", pp[0]))
+    end = int(ffi.cast("uintptr_t", keep)) + len(buf)
+    while int(ffi.cast("uintptr_t", pp[0])) < end:
+        remaining = end - int(ffi.cast("uintptr_t", pp[0]))
         x = lib.d2i_X509(ffi.NULL, pp, remaining)
         if x == ffi.NULL:
             for c in certs:
                 lib.X509_free(c)
-            raise_from_queue("cadata: not DER certificates")
+            _raise_with_context("cadata: not DER certificates")
         certs.append(x)
     if not certs:
         raise TLSError("cadata: empty")
@@ -222,6 +231,7 @@ class TLSContext:
         self._maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
         self._sni_names: list[str] = []
         self._has_cert = False
+        self._ciphers = DEFAULT_CIPHERS
         self.async_mode: AsyncMode = async_mode or ("handshake" if offload else "off")
         self.options = (
             lib.SSL_OP_ALL | lib.SSL_OP_NO_COMPRESSION | lib.SSL_OP_NO_RENEGOTIATION
@@ -253,7 +263,7 @@ class TLSContext:
     @staticmethod
     def _check(ok: int, message: str = "OpenSSL call failed") -> None:
         if ok != 1:
-            raise_from_queue(message)
+            _raise_with_context(message)
 
     def _apply(self, fn: Callable[[Any], None]) -> None:
         """Run a setting on the SSL_CTX and record it for rebuilds."""
@@ -285,8 +295,9 @@ class TLSContext:
         """
         if self._offload is None:
             raise TLSError("load_provider needs a context created with offload=Offload()")
-        if name not in self._offload.providers:
-            self._offload.load_provider(name, properties=properties)
+        # load only: the offload's property query (used by contexts made
+        # later) stays as it is, the preference is this context's own
+        self._offload._load(name)
         extra = properties if properties is not None else f"?provider={name}"
         query = self._property_query or ""
         if extra not in query.split(","):
@@ -343,10 +354,13 @@ class TLSContext:
 
         def apply(ctx: Any) -> None:
             if lib.SSL_CTX_set_cipher_list(ctx, raw) != 1:
+                # OpenSSL has already replaced the list (TLS 1.3 suites only): restore it
+                lib.SSL_CTX_set_cipher_list(ctx, self._ciphers.encode("ascii"))
                 drain_queue()
                 raise TLSError(f"No cipher can be selected from {ciphers!r}",
                                library="SSL", reason="NO_CIPHER_MATCH")
         self._apply(apply)
+        self._ciphers = ciphers
 
     def set_ciphersuites(self, suites: str) -> None:
         """TLS 1.3 cipher suites (e.g. ``TLS_AES_128_GCM_SHA256``)."""
@@ -451,7 +465,7 @@ class TLSContext:
     # -- certificates ---------------------------------------------------------
     def _use_cert_chain(self, ctx: Any, certfile: bytes, pkey: Any) -> None:
         if lib.SSL_CTX_use_certificate_chain_file(ctx, certfile) != 1:
-            raise_from_queue(f"cannot load certificate chain {os.fsdecode(certfile)!r}")
+            _raise_with_context(f"cannot load certificate chain {os.fsdecode(certfile)!r}")
         if lib.SSL_CTX_use_PrivateKey(ctx, pkey) != 1 or lib.SSL_CTX_check_private_key(ctx) != 1:
             err = error_from_queue("private key does not match the certificate")
             raise TLSError("private key does not match the certificate: " + err.message,

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from .connection import AsyncStatus, Operation, Status, TLSConnection
-from .errors import AsyncEngineError
+from .errors import AsyncEngineError, TLSError
 from .notifier import LoopDispatcher, current_dispatcher
 
 __all__ = ["Driver"]
@@ -49,6 +49,7 @@ _EAGAIN_FIRST = 0.0002
 _EAGAIN_MAX = 0.02
 _JOB_WAIT_MAX = 0.05
 _ERR_RETRIES = 100
+_ALERT_TIMEOUT = 1.0
 
 
 class Driver:
@@ -68,6 +69,8 @@ class Driver:
         self._pause_end = anyio.Event()
         self._pause_end.set()
         self._stash: list[bytes] = []
+        # ciphertext taken from the connection, in step order, not yet sent
+        self._outq: list[bytes] = []
         self._dispatcher: LoopDispatcher | None = None
         self._fds: set[int] = set()
         self.transport_eof = False
@@ -88,17 +91,30 @@ class Driver:
         incoming = b""
         while True:
             pending = conn.pending_operation
-            while pending is not None and pending != op:
+            # (a pending job with _pause_end set has no task finishing it: the
+            # step then raises OperationInProgressError instead of spinning)
+            while pending is not None and pending != op and not self._pause_end.is_set():
+                if incoming:
+                    # never hold received ciphertext across an await: a cancel
+                    # here would drop it and break the record stream; the
+                    # read BIO keeps it (a BIO write resumes no job)
+                    conn.receive_bytes(incoming)
+                    incoming = b""
                 await self._pause_end.wait()
                 pending = conn.pending_operation
             before = conn.wakeups
-            status = step(incoming)
-            incoming = b""
-            if status is Status.WANT_ASYNC:
-                status = await self._finish_job(step, before)
+            try:
+                status = step(incoming)
+                incoming = b""
+                if status is Status.WANT_ASYNC:
+                    status = await self._finish_job(step, before)
+            except TLSError:
+                d.release_job_waiter()  # this call finished: it no longer holds a job
+                await self._send_alert()
+                raise
             if status is not Status.WANT_ASYNC_JOB:
                 d.release_job_waiter()
-            if conn.has_bytes_to_send():
+            if self._queue_output():
                 await self._flush()
             if status is Status.DONE or status is Status.CLOSED:
                 return status
@@ -114,30 +130,40 @@ class Driver:
         status = Status.WANT_ASYNC
         eagain_delay = _EAGAIN_FIRST
         err_retries = 0
+        deferred: BaseException | None = None
+        cancelled_exc = anyio.get_cancelled_exc_class()
         try:
             with anyio.CancelScope(shield=True):
                 while status is Status.WANT_ASYNC:
                     st = self.conn.async_status
-                    if st is AsyncStatus.OK:
-                        await self._wait_callback(before)
-                    elif st is AsyncStatus.EAGAIN:
-                        await anyio.sleep(eagain_delay)
-                        eagain_delay = min(eagain_delay * 2, _EAGAIN_MAX)
-                    elif st is AsyncStatus.ERR:
-                        err_retries += 1
-                        if err_retries > _ERR_RETRIES:
-                            raise AsyncEngineError(
-                                "offload engine reported ASYNC_STATUS_ERR and its job never "
-                                "finished; the connection is abandoned (parked)")
-                        await anyio.sleep(0 if err_retries < 10 else 0.001)
-                    else:
-                        await self._wait_fds()
+                    try:
+                        if st is AsyncStatus.OK:
+                            await self._wait_callback(before)
+                        elif st is AsyncStatus.EAGAIN:
+                            await anyio.sleep(eagain_delay)
+                            eagain_delay = min(eagain_delay * 2, _EAGAIN_MAX)
+                        elif st is AsyncStatus.ERR:
+                            err_retries += 1
+                            if err_retries > _ERR_RETRIES:
+                                raise AsyncEngineError(
+                                    "offload engine reported ASYNC_STATUS_ERR and its job never "
+                                    "finished; the connection is abandoned (parked)")
+                            await anyio.sleep(0 if err_retries < 10 else 0.001)
+                        else:
+                            await self._wait_fds()
+                    except cancelled_exc as exc:
+                        # only asyncio's native Task.cancel() (asyncio.wait_for,
+                        # asyncio.timeout) gets through anyio's shield: finish the
+                        # job first, then raise it (no task would finish it later)
+                        deferred = exc
                     before = self.conn.wakeups
                     status = step(b"")
         finally:
             if self.conn.pending_operation is None:
                 self._release_fds()
             pause_end.set()
+        if deferred is not None:
+            raise deferred
         return status
 
     async def _wait_callback(self, before: int) -> None:
@@ -172,9 +198,27 @@ class Driver:
         self._fds.clear()
 
     # -- transport -------------------------------------------------------------
+    def _queue_output(self) -> bool:
+        """Move what the last step wrote to the send queue; whether it wrote anything.
+
+        Called right after each step, with no await in between, and only a
+        step that wrote something flushes.  So a receive whose step wrote
+        nothing never waits for the send lock, nor sends another task's
+        ciphertext: were it held up by a send stuck on a full transport, it
+        would stop reading what the peer sends, and if the peer does the
+        same, full duplex deadlocks.
+        """
+        if not self.conn.has_bytes_to_send():
+            return False
+        self._outq.append(self.conn.bytes_to_send())
+        return True
+
     async def _flush(self) -> None:
         async with self._send_lock:
-            data = self.conn.bytes_to_send()
+            # the queue is sent in order by whoever holds the lock; empty when
+            # an earlier holder already took what we queued
+            data = b"".join(self._outq)
+            self._outq.clear()
             if not data:
                 return
             try:
@@ -195,9 +239,27 @@ class Driver:
                 self.conn.receive_eof()
             return data
 
+    async def _send_alert(self) -> None:
+        """After a TLS error, send what OpenSSL queued: the fatal alert telling the peer why.
+
+        RFC 8446 (5.2, 6.2) and RFC 5246 require it ("bad_record_mac",
+        "decode_error", ...); without it the peer only sees the connection
+        drop.  Best effort and bounded: a peer that is gone or not reading
+        changes nothing, the caller gets the TLS error either way.
+        """
+        self._queue_output()
+        if not self._outq or self.broken is not None:
+            return
+        with anyio.move_on_after(_ALERT_TIMEOUT):
+            try:
+                await self._flush()
+            except Exception:
+                pass
+
     async def flush(self) -> None:
         """Send any queued ciphertext."""
-        if self.conn.has_bytes_to_send():
+        self._queue_output()
+        if self._outq:
             await self._flush()
 
     # -- operations --------------------------------------------------------------
@@ -234,17 +296,26 @@ class Driver:
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
+        total = len(view)
         conn = self.conn
-        while len(view):
-            sent = 0
+        sent = 0
+        try:
+            while len(view):
+                sent = 0
 
-            def step(incoming: bytes, chunk: memoryview = view) -> Status:
-                nonlocal sent
-                st, sent = conn.write(chunk, incoming)
-                return st
+                def step(incoming: bytes, chunk: memoryview = view) -> Status:
+                    nonlocal sent
+                    st, sent = conn.write(chunk, incoming)
+                    return st
 
-            await self._run(Operation.WRITE, step)
-            view = view[sent:]
+                await self._run(Operation.WRITE, step)
+                view = view[sent:]
+        except BaseException as exc:
+            if 0 < len(view) - sent < total:
+                # cancelled (or failed) between chunks: a prefix of the data is
+                # encrypted and will reach the peer, the rest never will
+                self.mark_broken(exc)
+            raise
 
     async def send_close_notify(self) -> None:
         """Send our close_notify once (no waiting for the peer's)."""
@@ -271,7 +342,10 @@ class Driver:
     async def drain_pause(self) -> None:
         """Wait (shielded) until no job is paused on this connection."""
         with anyio.CancelScope(shield=True):
-            while self.conn.pending_operation is not None:
+            # _pause_end set with a job still pending: nobody finishes it (its
+            # engine failed for good); waiting would spin forever, and freeing
+            # the connection parks it instead
+            while self.conn.pending_operation is not None and not self._pause_end.is_set():
                 await self._pause_end.wait()
 
     def mark_broken(self, exc: BaseException) -> None:

@@ -80,6 +80,17 @@ class WrongThreadError(TLSError):
     """The connection belongs to another OS thread (DESIGN rule 3)."""
 
 
+# OpenSSL library codes (err.h) by the names the stdlib ssl module uses
+_LIBRARIES = {
+    2: "SYS", 3: "BN", 4: "RSA", 5: "DH", 6: "EVP", 7: "BUF", 8: "OBJ", 9: "PEM", 10: "DSA",
+    11: "X509", 13: "ASN1", 14: "CONF", 15: "CRYPTO", 16: "EC", 20: "SSL", 32: "BIO",
+    33: "PKCS7", 34: "X509V3", 35: "PKCS12", 36: "RAND", 37: "DSO", 38: "ENGINE", 39: "OCSP",
+    40: "UI", 41: "COMP", 42: "ECDSA", 43: "ECDH", 44: "OSSL_STORE", 45: "FIPS", 46: "CMS",
+    47: "TS", 48: "HMAC", 50: "CT", 51: "ASYNC", 52: "KDF", 53: "SM2", 54: "ESS", 55: "PROP",
+    56: "CRMF", 57: "PROV", 58: "CMP", 59: "OSSL_ENCODER", 60: "OSSL_DECODER", 61: "HTTP",
+}
+
+
 def _mnemonic(text: str | None) -> str | None:
     if not text:
         return None
@@ -99,7 +110,9 @@ def drain_queue() -> tuple[tuple[str, str, str], ...]:
         code = lib.ERR_get_error_all(ffi.NULL, ffi.NULL, ffi.NULL, data, flags)
         if code == 0:
             return tuple(out)
-        lib_name = _s(lib.ERR_lib_error_string(code)) or f"lib({lib.ERR_GET_LIB(code)})"
+        lib_code = lib.ERR_GET_LIB(code)
+        lib_name = _LIBRARIES.get(lib_code) or _s(lib.ERR_lib_error_string(code)) or (
+            f"lib({lib_code})")
         reason = _s(lib.ERR_reason_error_string(code)) or f"reason({lib.ERR_GET_REASON(code)})"
         detail = _s(data[0]) if (flags[0] & 0x02) else ""  # ERR_TXT_STRING
         out.append((lib_name, reason, detail))

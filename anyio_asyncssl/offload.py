@@ -111,14 +111,24 @@ class Offload:
 
         Raises :class:`TLSError` if OpenSSL cannot load it.
         """
+        self._load(name)
+        extra = properties if properties is not None else f"?provider={name}"
+        if extra and extra not in self._property_query.split(","):
+            self._property_query = f"{extra},{self._property_query}"
+
+    def _load(self, name: str) -> None:
+        """Load a provider into the library context; no property query changes.
+
+        :meth:`TLSContext.load_provider` uses this, so that preferring a
+        provider in one context does not change contexts made afterwards.
+        """
+        if name in self._providers:
+            return
         lib.ERR_clear_error()
         prov = lib.OSSL_PROVIDER_load(self._libctx, name.encode())
         if prov == ffi.NULL:
             raise_from_queue(f"could not load provider {name!r}")
         self._providers.append(name)
-        extra = properties if properties is not None else f"?provider={name}"
-        if extra and extra not in self._property_query.split(","):
-            self._property_query = f"{extra},{self._property_query}"
 
     def register_test_provider(self, name: str) -> None:
         """Register our test record-cipher provider under ``name`` (not loaded yet)."""

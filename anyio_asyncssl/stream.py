@@ -159,6 +159,10 @@ class AsyncTLSStream(ByteStream):
     async def send(self, item: bytes) -> None:
         if self._sending:
             raise BusyResourceError("writing to")
+        if self._conn.close_notify_sent and not self._closed:
+            # after send_eof(): OpenSSL would fail the write and break the
+            # stream, whose receiving direction is still open
+            raise ClosedResourceError("can't send data after sending EOF")
         self._sending = True
         try:
             await self._call(self._driver.write, item)

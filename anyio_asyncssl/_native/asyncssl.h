@@ -179,6 +179,10 @@ struct asx_conn {
     uint64_t want_async;
     uint64_t want_async_job;
     uint64_t retries;
+    /* errors libssl queued inside a job that then paused (e.g. SSLfatal,
+     * then the alert's record encryption paused): kept for the retry */
+    unsigned long job_errors[8];
+    int njob_errors;
 };
 
 asx_conn *asx_conn_new(SSL_CTX *ctx, int server, size_t read_cap, size_t write_cap,
@@ -216,5 +220,7 @@ uint64_t asx_ctx_sni_hits(asx_ctx_ext *e);
 /* certgen.c: a self-signed certificate (OPENSSL_malloc'ed PEM strings) */
 int asx_self_signed(const char *common_name, const char *san, const char *key_type, int bits,
                     int days, char **cert_pem, char **key_pem);
+/* certgen.c: URIs of AIA (kind 0 OCSP, 1 caIssuers) or CRL distribution points (2) */
+int asx_cert_uris(X509 *x, int kind, char *buf, size_t cap);
 
 #endif

@@ -349,6 +349,7 @@ uint64_t asx_ctx_sni_hits(asx_ctx_ext *e);
 
 int asx_self_signed(const char *common_name, const char *san, const char *key_type, int bits,
                     int days, char **cert_pem, char **key_pem);
+int asx_cert_uris(X509 *x, int kind, char *buf, size_t cap);
 """
 
 SOURCES = ["pool.c", "provider.c", "conn.c", "certgen.c"]

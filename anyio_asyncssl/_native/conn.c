@@ -20,6 +20,11 @@
  * and write buffers are per connection and never move: the job holds raw
  * pointers into them.  asx_conn_free() refuses while a job is paused (the
  * job would leak and the engine would later write into freed memory).
+ * Whether a job is paused is asked with SSL_waiting_for_async(), not
+ * SSL_get_error(): the latter reports SSL_ERROR_SSL whenever the error queue
+ * is not empty, and libssl queues an error and then pauses when the fatal
+ * alert it sends goes through a record cipher that pauses.  Such errors are
+ * kept in the connection and put back when the retry ends the operation.
  *
  * The async callback runs on an engine thread, or inside the job on the loop
  * thread (early notifications).  It takes no GIL and runs no Python: it bumps
@@ -202,7 +207,7 @@ int asx_conn_free(asx_conn *c)
 {
     if (c == NULL)
         return 1;
-    if (c->pending_op != ASX_OP_NONE)
+    if (c->pending_op != ASX_OP_NONE || SSL_waiting_for_async(c->ssl))
         return 0;
     SSL_free(c->ssl);    /* frees both BIOs */
     free(c->read_buf);
@@ -249,6 +254,8 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
     if (op != ASX_OP_NONE) {
         if (c->pending_op == op)
             c->retries++;
+        else
+            c->njob_errors = 0;
         ERR_clear_error();
         switch (op) {
         case ASX_OP_HANDSHAKE:
@@ -272,8 +279,44 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
         if (ret > 0 || (op == ASX_OP_SHUTDOWN && ret == 0)) {
             r->status = ASX_DONE;
             r->result = (op == ASX_OP_READ || op == ASX_OP_WRITE) ? n : (size_t)ret;
+            c->njob_errors = 0;
+        } else if (SSL_waiting_for_async(c->ssl)) {
+            /* A job is paused, whatever SSL_get_error() says: it looks at the
+             * error queue first, and libssl may have queued an error inside
+             * the job and then paused (SSLfatal sends an alert, whose record
+             * encryption can pause).  Reporting that as a failure would let
+             * the SSL be freed under its paused job (rule 4).  The errors
+             * belong to the operation: keep them for the retry. */
+            unsigned long e;
+
+            r->ssl_error = SSL_ERROR_WANT_ASYNC;
+            r->status = ASX_WANT_ASYNC;
+            c->want_async++;
+            if (!SSL_get_async_status(c->ssl, &r->async_status))
+                r->async_status = ASYNC_STATUS_UNSUPPORTED;
+            while ((e = ERR_get_error()) != 0)
+                if (c->njob_errors < (int)(sizeof(c->job_errors) / sizeof(c->job_errors[0])))
+                    c->job_errors[c->njob_errors++] = e;
         } else {
             r->ssl_error = SSL_get_error(c->ssl, ret);
+            if (c->njob_errors > 0 && (r->ssl_error == SSL_ERROR_SSL
+                                       || r->ssl_error == SSL_ERROR_SYSCALL)) {
+                /* the job ended in failure: put back what it queued before
+                 * pausing (ahead of anything queued since) */
+                unsigned long later[8];
+                int nl = 0, i;
+                unsigned long e;
+
+                while ((e = ERR_get_error()) != 0)
+                    if (nl < 8)
+                        later[nl++] = e;
+                for (i = 0; i < c->njob_errors; i++)
+                    ERR_raise(ERR_GET_LIB(c->job_errors[i]), ERR_GET_REASON(c->job_errors[i]));
+                for (i = 0; i < nl; i++)
+                    ERR_raise(ERR_GET_LIB(later[i]), ERR_GET_REASON(later[i]));
+                r->ssl_error = SSL_ERROR_SSL;
+            }
+            c->njob_errors = 0;
             switch (r->ssl_error) {
             case SSL_ERROR_WANT_READ:
                 r->status = ASX_WANT_READ;
@@ -410,9 +453,25 @@ static int sni_cb(SSL *s, int *al, void *arg)
             goto found;
     return SSL_TLSEXT_ERR_OK;     /* unknown name: the default certificate */
 found:
+    /*
+     * Swap only the certificate, key and chain (kept in the child SSL_CTX).
+     * SSL_set_SSL_CTX would also swap in the child's cipher list, CA store,
+     * session id context and client CA list: the parent's settings (ECDHE-only
+     * TLS 1.2 suites, mTLS trust) would silently stop applying.
+     */
+    {
+        SSL_CTX *child = e->sni[i].ctx;
+        X509 *x = SSL_CTX_get0_certificate(child);
+        EVP_PKEY *pkey = SSL_CTX_get0_privatekey(child);
+        STACK_OF(X509) *chain = NULL;
+
+        if (x == NULL || pkey == NULL || !SSL_CTX_get0_chain_certs(child, &chain))
+            return SSL_TLSEXT_ERR_ALERT_FATAL;
+        SSL_certs_clear(s);
+        if (!SSL_use_cert_and_key(s, x, pkey, chain, 1))
+            return SSL_TLSEXT_ERR_ALERT_FATAL;
+    }
     __atomic_add_fetch(&e->sni_hits, 1, __ATOMIC_RELAXED);
-    if (SSL_set_SSL_CTX(s, e->sni[i].ctx) == NULL)
-        return SSL_TLSEXT_ERR_ALERT_FATAL;
     return SSL_TLSEXT_ERR_OK;
 }
 

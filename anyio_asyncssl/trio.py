@@ -1,0 +1,609 @@
+"""The trio face: TrioTLSStream, TrioTLSListener and the ``*_tls_over_tcp_*`` helpers.
+
+A drop-in for :class:`trio.SSLStream` and friends, driven by OpenSSL's async
+mode.  Behaviour follows trio's ``_ssl.py`` (read it: it is the reference):
+
+* the handshake is lazy: the first ``send_all``/``receive_some`` (or an
+  explicit :meth:`TrioTLSStream.do_handshake`) runs it, and concurrent callers
+  wait for that one handshake;
+* every TLS or transport failure is a :exc:`trio.BrokenResourceError` whose
+  ``__cause__`` is the original error (an ``ssl.SSLError`` subclass from
+  :mod:`anyio_asyncssl.errors`, or the transport's exception); afterwards the
+  stream stays broken.  A handshake that fails or is cancelled breaks the
+  stream too, as in trio;
+* two tasks in ``send_all`` (or in ``receive_some``) at once is a
+  :exc:`trio.BusyResourceError`; any use after :meth:`~TrioTLSStream.aclose`
+  is a :exc:`trio.ClosedResourceError`, and so is the error of a task whose
+  transport was closed under it by ``aclose``;
+* ``https_compatible=True``: a transport EOF without close_notify is a normal
+  EOF (``receive_some`` returns ``b""``), and ``aclose`` just closes the
+  transport.  Otherwise a ragged EOF breaks the stream, and ``aclose`` sends
+  close_notify once, without waiting for the peer's, ignoring a broken
+  transport;
+* the TLS connection's inspection methods are forwarded (``getpeercert``,
+  ``cipher``, ``version``, ``selected_alpn_protocol``, ...); those that only
+  make sense after the handshake raise :exc:`trio.NeedHandshakeError` before.
+
+Beyond trio: :meth:`TrioTLSStream.send_eof` is a TLS 1.3 half-close (send
+close_notify and keep receiving; ``NotImplementedError`` on TLS 1.2, whose
+close_notify ends both directions).
+
+The TLS work is done by :class:`~anyio_asyncssl.driver.Driver`, the same
+retry loop as the anyio face: it waits for the offload engine inside shielded
+scopes, so a cancelled operation never leaves an OpenSSL job paused.  This
+module imports trio; the rest of the package does not need it.
+"""
+
+from __future__ import annotations
+
+import operator
+import ssl
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from types import TracebackType
+from typing import Any, Generic, NoReturn, TypeVar
+
+import trio
+from trio.abc import HalfCloseableStream, Listener, Stream
+
+from .connection import AsyncStatus, TLSConnection, TLSSession
+from .context import TLSContext, create_default_context
+from .driver import Driver
+
+__all__ = [
+    "TrioTLSListener",
+    "TrioTLSStream",
+    "open_tls_over_tcp_listeners",
+    "open_tls_over_tcp_stream",
+    "serve_tls_over_tcp",
+]
+
+T_Stream = TypeVar("T_Stream", bound=Stream)
+R = TypeVar("R")
+
+#: ``receive_some()`` without ``max_bytes`` returns at most this much (one
+#: TLS record holds at most 16 KiB anyway).
+DEFAULT_RECEIVE_SIZE = 65536
+
+# What a failing operation may raise that means "this stream is broken".
+# ssl.SSLError (so every TLSError) is an OSError.
+_BREAKING = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class _State(Enum):
+    OK = "ok"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+class _ConflictDetector:
+    """Raise BusyResourceError when a second task enters (like trio's own)."""
+
+    __slots__ = ("_held", "_msg")
+
+    def __init__(self, msg: str) -> None:
+        self._msg = msg
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._msg)
+        self._held = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._held = False
+
+
+def _is_eof(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a transport EOF without close_notify (a ragged EOF)."""
+    return isinstance(exc, ssl.SSLEOFError) or (
+        "UNEXPECTED_EOF_WHILE_READING" in str(getattr(exc, "reason", None) or ""))
+
+
+def _describe(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _TransportIO:
+    """The driver's view of the transport: ``send(bytes)``, ``receive() -> bytes``.
+
+    Transport calls are counted, so that an operation that did no transport
+    I/O still executes a schedule point (trio's checkpoint rule).
+    It also holds back a TLS 1.3 server's session tickets, as trio.SSLStream
+    does: OpenSSL writes them when the server's handshake completes, and a
+    server that insisted on sending them then would wait for a client that
+    may not read before it sends (a deadlock over an unbuffered transport).
+    They go out in front of the next ciphertext this stream sends.
+
+    It refers to the transport and the connection, never to the stream, so a
+    dropped stream is freed by reference counting (unless it failed: the
+    driver keeps the exception that broke it).
+    """
+
+    __slots__ = ("conn", "count", "delayed", "hold_tickets", "transport")
+
+    def __init__(self, transport: Stream, conn: TLSConnection) -> None:
+        self.transport = transport
+        self.conn = conn
+        self.count = 0
+        self.hold_tickets = False
+        self.delayed = b""
+
+    async def send(self, data: bytes) -> None:
+        if self.hold_tickets and self.conn.handshake_done:
+            self.hold_tickets = False
+            if self.conn.version() == "TLSv1.3":
+                self.delayed += data
+                return
+        if self.delayed:
+            data = self.delayed + data
+            self.delayed = b""
+        self.count += 1
+        await self.transport.send_all(data)
+
+    async def receive(self) -> bytes:
+        self.count += 1
+        data = await self.transport.receive_some()
+        return data if isinstance(data, bytes) else bytes(data)
+
+
+class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
+    """TLS over ``transport_stream`` (any :class:`trio.abc.Stream`), like :class:`trio.SSLStream`.
+
+    ``context`` is a :class:`~anyio_asyncssl.TLSContext`.  ``server_hostname``
+    (clients) is sent as SNI and checked against the certificate; it is
+    required when the context checks host names.  ``session`` resumes a
+    session from an earlier connection (clients).  Nothing is sent until the
+    first operation (lazy handshake).
+
+    Raises ``ValueError`` (from :class:`~anyio_asyncssl.TLSConnection`) for
+    inconsistent arguments, e.g. no ``server_hostname`` with host-name checks.
+
+    Attributes:
+      transport_stream: the wrapped stream (``None`` after :meth:`unwrap`).
+    """
+
+    def __init__(
+        self,
+        transport_stream: T_Stream,
+        context: TLSContext,
+        *,
+        server_hostname: str | bytes | None = None,
+        server_side: bool = False,
+        https_compatible: bool = False,
+        session: TLSSession | None = None,
+    ) -> None:
+        if isinstance(server_hostname, bytes):
+            server_hostname = server_hostname.decode("ascii")
+        self._conn = TLSConnection(context, server_side=server_side,
+                                   server_hostname=server_hostname, session=session)
+        self.transport_stream: T_Stream = transport_stream
+        self._https_compatible = https_compatible
+
+        self._io = _TransportIO(transport_stream, self._conn)
+        self._driver = Driver(self._conn, self._io.send, self._io.receive)
+        self._state = _State.OK
+        self._closing = False
+        self._broken_reason: str | None = None
+        self._handshake_started = False
+        self._handshake_finished = trio.Event()
+        self._eof_sent = False
+        self._send_conflict = _ConflictDetector(
+            "another task is currently sending data on this TrioTLSStream")
+        self._recv_conflict = _ConflictDetector(
+            "another task is currently receiving data on this TrioTLSStream")
+
+    # -- state and the one error mapping ---------------------------------------
+    def _check_status(self) -> None:
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("this TrioTLSStream was closed")
+        if self._state is _State.OK and self._driver.broken is None:
+            return
+        self._state = _State.BROKEN
+        reason = self._broken_reason or _describe(self._driver.broken)
+        raise trio.BrokenResourceError(
+            "this TrioTLSStream is broken" + (f" ({reason})" if reason else ""))
+
+    def _mark_broken(self, exc: BaseException | None) -> None:
+        # Only a description is kept: an exception stored on the stream would
+        # hold its traceback's frames, and so the stream, in a reference cycle.
+        if self._state is _State.OK:
+            self._state = _State.BROKEN
+        if exc is not None and self._broken_reason is None:
+            self._broken_reason = _describe(exc)
+
+    def _translate(self, exc: BaseException) -> Exception:
+        """The trio exception for a TLS or transport failure (raise it ``from exc``)."""
+        if isinstance(exc, trio.ClosedResourceError) and (
+                self._closing or self._state is _State.CLOSED):
+            # our own aclose() closed the transport under this operation
+            return trio.ClosedResourceError("this TrioTLSStream was closed")
+        self._mark_broken(exc)
+        return trio.BrokenResourceError(str(exc) or type(exc).__name__)
+
+    async def _drive(self, fn: Callable[..., Awaitable[R]], *args: Any) -> R:
+        """Run one driver operation as a trio checkpoint, mapping its failures."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        mark = self._io.count
+        try:
+            result = await fn(*args)
+        except _BREAKING as exc:
+            raise self._translate(exc) from exc
+        if mark == self._io.count:
+            # no transport I/O (which always yields): the operation may have
+            # completed from buffered data, or after a pause whose engine had
+            # already finished, without a schedule point
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return result
+
+    async def _ensure_handshake(self) -> None:
+        """Run the handshake once; concurrent callers wait for it."""
+        if self._conn.handshake_done:
+            return
+        if not self._handshake_started:
+            self._handshake_started = True
+            self._io.hold_tickets = self._conn.server_side
+            try:
+                await self._drive(self._driver.handshake)
+            except BaseException:
+                # as in trio: a failed or interrupted handshake cannot be resumed
+                self._mark_broken(None)
+                raise
+            finally:
+                self._io.hold_tickets = False
+                self._handshake_finished.set()
+        else:
+            await self._handshake_finished.wait()
+            self._check_status()
+
+    # -- trio.abc.HalfCloseableStream --------------------------------------------
+    async def do_handshake(self) -> None:
+        """Make sure the handshake has completed (running it if nobody has yet).
+
+        You need not call it: the first send or receive does it.  If another
+        task is running the handshake this waits for it.  Raises
+        ``BrokenResourceError`` (``__cause__``: the ``ssl.SSLError``, e.g.
+        :class:`~anyio_asyncssl.CertificateVerifyError`) if it fails, and
+        ``ClosedResourceError`` after :meth:`aclose`.  Cancelling it breaks the
+        stream, as in trio.
+        """
+        self._check_status()
+        if self._conn.handshake_done:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._ensure_handshake()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Decrypted data (at most ``max_bytes``), or ``b""`` at the end of the stream.
+
+        The end is the peer's close_notify, or with ``https_compatible`` also a
+        transport EOF without it.  Raises ``BusyResourceError`` if another task
+        is receiving, ``BrokenResourceError`` if TLS or the transport fails,
+        ``ClosedResourceError`` after :meth:`aclose`.  A cancelled receive
+        loses no data.
+        """
+        with self._recv_conflict:
+            self._check_status()
+            if max_bytes is None:
+                max_bytes = DEFAULT_RECEIVE_SIZE
+            else:
+                max_bytes = operator.index(max_bytes)
+                if max_bytes < 1:
+                    raise ValueError("max_bytes must be >= 1")
+            try:
+                await self._ensure_handshake()
+            except trio.BrokenResourceError as exc:
+                if self._https_compatible and _is_eof(exc.__cause__):
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                raise
+            try:
+                return await self._drive(self._driver.read, max_bytes)
+            except trio.BrokenResourceError as exc:
+                # the stream is broken now either way; https only changes the answer
+                if self._https_compatible and _is_eof(exc.__cause__):
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                raise
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` and send it all.
+
+        Raises ``BusyResourceError`` if another task is sending,
+        ``BrokenResourceError`` on failure, ``ClosedResourceError`` after
+        :meth:`aclose` or :meth:`send_eof`.  A cancelled ``send_all`` may have
+        sent part of ``data``, so it breaks the stream (trio's rule).
+        """
+        with self._send_conflict:
+            self._check_status()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_eof() was already called")
+            await self._ensure_handshake()
+            if not data:
+                await trio.lowlevel.checkpoint()
+                return
+            # a send cancelled before it starts leaves the stream usable
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                await self._drive(self._driver.write, data)
+            except trio.Cancelled:
+                # how much of data went out is unknown: the byte stream is unusable
+                self._mark_broken(None)
+                raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the transport is ready for more data (see trio.abc.SendStream)."""
+        with self._send_conflict:
+            self._check_status()
+            async with self._driver._send_lock:
+                try:
+                    await self.transport_stream.wait_send_all_might_not_block()
+                except _BREAKING as exc:
+                    raise self._translate(exc) from exc
+
+    async def send_eof(self) -> None:
+        """Send close_notify and keep receiving (a TLS 1.3 half-close).
+
+        The peer's ``receive_some`` then returns ``b""`` while it can still
+        send to us.  Idempotent; ``send_all`` afterwards raises
+        ``ClosedResourceError``.  Raises ``NotImplementedError`` if the session
+        is not TLS 1.3 (in TLS 1.2 close_notify closes both directions).
+        """
+        with self._send_conflict:
+            self._check_status()
+            if self._eof_sent:
+                await trio.lowlevel.checkpoint()
+                return
+            await self._ensure_handshake()
+            version = self._conn.version()
+            if version != "TLSv1.3":
+                raise NotImplementedError(
+                    f"send_eof() needs TLS 1.3; this session uses {version}")
+            self._eof_sent = True
+            await self._drive(self._driver.send_close_notify)
+
+    async def unwrap(self) -> tuple[T_Stream, bytes]:
+        """Do the TLS closing handshake and give back the transport.
+
+        Returns ``(transport_stream, trailing_bytes)``: bytes the peer sent
+        after its close_notify that were already read from the transport;
+        treat them as the start of what the transport receives next.  The
+        stream is closed afterwards (``transport_stream`` is ``None``).
+        """
+        with self._recv_conflict, self._send_conflict:
+            self._check_status()
+            await self._ensure_handshake()
+            await self._drive(self._driver.send_close_notify)
+            await self._drive(self._driver.wait_close_notify)
+            transport_stream = self.transport_stream
+            trailing = self._conn.take_unread_input()
+            self._state = _State.CLOSED
+            self.transport_stream = None  # type: ignore[assignment]  # closed: nothing uses it
+            return transport_stream, trailing
+
+    async def aclose(self) -> None:
+        """Close the TLS connection and the transport.
+
+        Without ``https_compatible``: finish the handshake if needed, send
+        close_notify (once; a broken transport is ignored, the peer's reply is
+        not awaited), then close the transport.  With ``https_compatible``, or
+        on a broken stream: just close the transport.  A failing handshake
+        raises ``BrokenResourceError`` (after closing), as in trio.  A
+        cancelled ``aclose`` still closes.
+        """
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closing = True
+        driver = self._driver
+        if self._state is _State.BROKEN or driver.broken is not None or self._https_compatible:
+            self._state = _State.CLOSED
+            try:
+                await driver.drain_pause()
+            finally:
+                await self.transport_stream.aclose()
+            return
+        try:
+            await self._ensure_handshake()
+            try:
+                await self._drive(driver.send_close_notify)
+            except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
+                pass  # the peer may be closing at the same time: that is fine
+        except BaseException:
+            self._state = _State.CLOSED
+            try:
+                await driver.drain_pause()
+            finally:
+                await trio.aclose_forcefully(self.transport_stream)
+            raise
+        else:
+            self._state = _State.CLOSED
+            try:
+                await driver.drain_pause()
+            finally:
+                await self.transport_stream.aclose()
+        finally:
+            self._state = _State.CLOSED
+
+    # -- forwarded inspection (trio.SSLStream forwards these to its SSLObject) ---
+    def _need_handshake(self, name: str) -> TLSConnection:
+        if not self._conn.handshake_done:
+            raise trio.NeedHandshakeError(f"call do_handshake() before calling {name!r}")
+        return self._conn
+
+    @property
+    def ssl_object(self) -> TLSConnection:
+        """The sans-IO :class:`~anyio_asyncssl.TLSConnection` (the ``SSLObject``)."""
+        return self._conn
+
+    @property
+    def context(self) -> TLSContext:
+        return self._conn.context
+
+    @property
+    def server_side(self) -> bool:
+        return self._conn.server_side
+
+    @property
+    def server_hostname(self) -> str | None:
+        return self._conn.server_hostname
+
+    @property
+    def https_compatible(self) -> bool:
+        return self._https_compatible
+
+    @property
+    def session(self) -> TLSSession | None:
+        """The session, to pass as ``session=`` to a later connection."""
+        return self._conn.session
+
+    @property
+    def session_reused(self) -> bool:
+        return self._need_handshake("session_reused").session_reused
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        """The peer's certificate: the stdlib's dict, or DER bytes (``binary_form``)."""
+        return self._need_handshake("getpeercert").getpeercert(binary_form)
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        return self._need_handshake("cipher").cipher()
+
+    def shared_ciphers(self) -> list[tuple[str, str, int]] | None:
+        return self._need_handshake("shared_ciphers").shared_ciphers()
+
+    def compression(self) -> str | None:
+        """Always ``None``: TLS compression is disabled."""
+        self._need_handshake("compression")
+        return None
+
+    def get_channel_binding(self, cb_type: str = "tls-unique") -> bytes | None:
+        return self._need_handshake("get_channel_binding").get_channel_binding(cb_type)
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._need_handshake("selected_alpn_protocol").selected_alpn_protocol()
+
+    def version(self) -> str | None:
+        return self._need_handshake("version").version()
+
+    # -- async-mode extras ----------------------------------------------------------
+    @property
+    def pauses(self) -> int:
+        """How many times an operation of this stream paused for the offload engine."""
+        return self._driver.pauses
+
+    @property
+    def async_status(self) -> AsyncStatus:
+        """``SSL_get_async_status`` after the last pause."""
+        return self._conn.async_status
+
+    def async_stats(self) -> dict[str, int]:
+        """Per-connection counters of the async machinery."""
+        return self._conn.stats()
+
+    def __repr__(self) -> str:
+        return f"<TrioTLSStream {self._state.value} {self._conn!r}>"
+
+
+class TrioTLSListener(Listener[TrioTLSStream[T_Stream]]):
+    """Wraps every connection of ``transport_listener`` in a :class:`TrioTLSStream`.
+
+    Like :class:`trio.SSLListener`: ``accept()`` does not handshake (the
+    stream does it lazily), so one slow client never blocks the accept loop.
+    Works with :func:`trio.serve_listeners`.
+    """
+
+    def __init__(
+        self,
+        transport_listener: Listener[T_Stream],
+        context: TLSContext,
+        *,
+        https_compatible: bool = False,
+    ) -> None:
+        self.transport_listener = transport_listener
+        self._context = context
+        self._https_compatible = https_compatible
+
+    async def accept(self) -> TrioTLSStream[T_Stream]:
+        """Accept the next connection and wrap it (server side)."""
+        transport_stream = await self.transport_listener.accept()
+        try:
+            return TrioTLSStream(transport_stream, self._context, server_side=True,
+                                 https_compatible=self._https_compatible)
+        except BaseException:
+            await trio.aclose_forcefully(transport_stream)
+            raise
+
+    async def aclose(self) -> None:
+        """Close the transport listener."""
+        await self.transport_listener.aclose()
+
+
+async def open_tls_over_tcp_stream(
+    host: str | bytes,
+    port: int,
+    *,
+    context: TLSContext | None = None,
+    https_compatible: bool = False,
+    happy_eyeballs_delay: float | None = 0.25,
+) -> TrioTLSStream[trio.SocketStream]:
+    """Connect over TCP and wrap the connection, like :func:`trio.open_ssl_over_tcp_stream`.
+
+    The certificate must be valid for ``host`` (also sent as SNI).  Without
+    ``context`` a :func:`~anyio_asyncssl.create_default_context` (the system
+    CA store, host-name checks) is used.  No handshake yet: it happens on the
+    first send or receive, or :meth:`TrioTLSStream.do_handshake`.
+    """
+    tcp_stream = await trio.open_tcp_stream(host, port, happy_eyeballs_delay=happy_eyeballs_delay)
+    if context is None:
+        context = create_default_context()
+    try:
+        return TrioTLSStream(tcp_stream, context, server_hostname=host,
+                             https_compatible=https_compatible)
+    except BaseException:
+        await trio.aclose_forcefully(tcp_stream)
+        raise
+
+
+async def open_tls_over_tcp_listeners(
+    port: int,
+    context: TLSContext,
+    *,
+    host: str | bytes | None = None,
+    https_compatible: bool = False,
+    backlog: int | None = None,
+) -> list[TrioTLSListener[trio.SocketStream]]:
+    """Listen for TLS over TCP, like :func:`trio.open_ssl_over_tcp_listeners`."""
+    tcp_listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    return [TrioTLSListener(tcp_listener, context, https_compatible=https_compatible)
+            for tcp_listener in tcp_listeners]
+
+
+async def serve_tls_over_tcp(
+    handler: Callable[[TrioTLSStream[trio.SocketStream]], Awaitable[object]],
+    port: int,
+    context: TLSContext,
+    *,
+    host: str | bytes | None = None,
+    https_compatible: bool = False,
+    backlog: int | None = None,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[
+        list[TrioTLSListener[trio.SocketStream]]] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve ``handler(stream)`` per connection, like :func:`trio.serve_ssl_over_tcp`.
+
+    With ``nursery.start`` it returns the listeners (e.g. to learn the port
+    when ``port=0``).  Returns only when cancelled; a handler's exception
+    propagates unless ``handler_nursery`` handles it.
+    """
+    listeners = await open_tls_over_tcp_listeners(
+        port, context, host=host, https_compatible=https_compatible, backlog=backlog)
+    await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery,
+                               task_status=task_status)
