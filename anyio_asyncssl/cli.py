@@ -104,6 +104,14 @@ async def _echo_trio(stream: Any) -> None:
         await stream.aclose()
 
 
+def _is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C, possibly inside (nested) exception groups from nurseries."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    subs = getattr(exc, "exceptions", None)
+    return bool(subs) and all(_is_interrupt(e) for e in subs)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
@@ -119,12 +127,13 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"asyncssl: TLS echo server on {args.host}:{args.port} with {what}; "
                   f"offload: {f'{offload.workers} worker threads' if offload else 'off'}. "
                   "Ctrl-C stops.", flush=True)
-            await trio.serve_listeners(_echo_trio, tls)  # type: ignore[arg-type]
+            await trio.serve_listeners(_echo_trio, tls)
 
         try:
             trio.run(run)
-        except KeyboardInterrupt:
-            pass
+        except BaseException as exc:
+            if not _is_interrupt(exc):
+                raise
         finally:
             if ctx.offload is not None:
                 st = ctx.offload.stats()
