@@ -108,7 +108,7 @@ def _is_interrupt(exc: BaseException) -> bool:
     """Ctrl-C, possibly inside (nested) exception groups from nurseries."""
     if isinstance(exc, KeyboardInterrupt):
         return True
-    subs = getattr(exc, "exceptions", None)
+    subs: tuple[BaseException, ...] = tuple(getattr(exc, "exceptions", None) or ())
     return bool(subs) and all(_is_interrupt(e) for e in subs)
 
 

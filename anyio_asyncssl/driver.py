@@ -119,6 +119,12 @@ class Driver:
             if status is Status.DONE or status is Status.CLOSED:
                 return status
             if status is Status.WANT_READ:
+                if self._outq and not self._send_lock.locked():
+                    # a send cancelled before its flush left its ciphertext
+                    # queued: send it before waiting for a peer who may be
+                    # waiting for it (without waiting for the lock: see
+                    # _queue_output)
+                    await self._flush()
                 incoming = await self._receive_some()
             elif status is Status.WANT_ASYNC_JOB:
                 await d.wait_for_job(_JOB_WAIT_MAX)
@@ -216,17 +222,18 @@ class Driver:
     async def _flush(self) -> None:
         async with self._send_lock:
             # the queue is sent in order by whoever holds the lock; empty when
-            # an earlier holder already took what we queued
-            data = b"".join(self._outq)
-            self._outq.clear()
-            if not data:
-                return
-            try:
-                await self._send(data)
-            except BaseException as exc:
-                # the records are gone half way: the peer can no longer decrypt
-                self.broken = exc
-                raise
+            # an earlier holder already took what we queued.  The holder also
+            # sends what is queued meanwhile: its owner may be cancelled while
+            # it waits for the lock, and nobody else would send it
+            while self._outq:
+                data = b"".join(self._outq)
+                self._outq.clear()
+                try:
+                    await self._send(data)
+                except BaseException as exc:
+                    # the records are gone half way: the peer can no longer decrypt
+                    self.broken = exc
+                    raise
 
     async def _receive_some(self) -> bytes:
         async with self._recv_lock:

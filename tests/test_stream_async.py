@@ -130,6 +130,10 @@ async def _echo_once(server: AsyncTLSStream, client: AsyncTLSStream, data: bytes
     assert await _receive_exactly(client, len(data)) == data
 
 
+async def _receive_into(stream: AsyncTLSStream, out: list[bytes]) -> None:
+    out.append(await stream.receive())
+
+
 def _chunks(data: bytes, rnd: random.Random, largest: int) -> list[bytes]:
     out: list[bytes] = []
     i = 0
@@ -376,6 +380,31 @@ async def _send_round(server_ctx: A.TLSContext, client_ctx: A.TLSContext,
     if not broken:
         assert not tail  # no torn message on a stream that did not report itself broken
     return seq
+
+
+async def test_a_cancelled_sends_data_goes_out_while_the_stream_only_receives(
+        pki: Pki, offload: A.Offload, engine: TestEngine) -> None:
+    """Request/response after a timed-out send: the send's job finished inside the
+    shield, the cancel hit before its ciphertext went out; the next receive must
+    send it (or the peer never answers)."""
+    baseline = A.connection_counters()
+    engine.set(latency_ms=8)
+    server, client = await _tls_pair(_pausing_server_ctx(pki, offload, engine),
+                                     pki.client_ctx())
+    with anyio.move_on_after(0.001) as scope:  # far inside the 16 ms of pauses
+        await server.send(b"request")
+    assert scope.cancelled_caught
+    answers: list[bytes] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_receive_into, server, answers)  # the server only receives
+            with anyio.fail_after(3):
+                assert await client.receive() == b"request"
+            await client.send(b"response")
+        assert answers == [b"response"]
+        await _close_all(server, client)
+    del server, client
+    await _settle(offload, baseline)
 
 
 async def test_cancelled_handshakes_leave_nothing_behind(pki: Pki, offload: A.Offload,

@@ -262,6 +262,42 @@ def test_reads_from_buffered_plaintext_are_still_checkpoints(pki: Pki) -> None:
     run(main)
 
 
+def test_client_without_server_hostname_is_refused(pki: Pki) -> None:
+    ct, _ = trio.testing.memory_stream_pair()
+    with pytest.raises(ValueError, match="server_hostname"):
+        TrioTLSStream(ct, pki.client_ctx())
+
+
+def test_session_tickets_are_held_back_then_resume(pki: Pki, offload: A.Offload) -> None:
+    # The TLS 1.3 server's tickets wait for its first send (as in trio.SSLStream);
+    # they still arrive, and resume the next connection without a signature.
+    sctx, cctx = pki.server_ctx("rsa", offload=offload), pki.client_ctx()
+
+    async def main() -> None:
+        client, server = memory_pair(cctx, sctx)
+        await handshake_both(client, server)
+        await server.send_all(b"hi")  # carries the tickets
+        assert await client.receive_some() == b"hi"
+        session = client.session
+        assert session is not None and session.is_resumable
+        async with trio.open_nursery() as nursery:  # a clean close keeps it resumable
+            nursery.start_soon(client.aclose)
+            assert await server.receive_some() == b""
+        await server.aclose()
+
+        before = offload.stats().submitted
+        ct, st = trio.testing.memory_stream_pair()
+        client = TrioTLSStream(ct, cctx, server_hostname="localhost", session=session)
+        server = TrioTLSStream(st, sctx, server_side=True)
+        await handshake_both(client, server)
+        assert client.session_reused and server.session_reused
+        assert offload.stats().submitted == before  # no private-key operation
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
+
+    run(main)
+
+
 # -- BusyResourceError / ClosedResourceError ---------------------------------------------
 def test_concurrent_receive_or_send_is_busy_and_leaves_stream_usable(pki: Pki) -> None:
     sctx, cctx = pki.server_ctx("ec"), pki.client_ctx()
