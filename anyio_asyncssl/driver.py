@@ -29,8 +29,12 @@ a job.  While a job is paused every other operation waits for that pause to
 end, so the two directions never interleave inside a pause.
 
 Cancellation: a read that completed inside the shield keeps its plaintext
-for the next read; ciphertext not yet sent stays queued and goes out with
-the next flush; a send interrupted half way breaks the stream.
+for the next read; ciphertext received but not yet stepped goes into the
+read BIO before any wait; ciphertext not yet sent stays queued and goes out
+with the next flush (at the latest before the next wait for the peer); a
+send interrupted half way (between chunks, or inside the transport's send)
+breaks the stream.  asyncio's native ``Task.cancel()`` passes through anyio's
+shields: it is held back until the job has finished, then raised.
 """
 
 from __future__ import annotations

@@ -650,31 +650,38 @@ async def _aclose_during(server: AsyncTLSStream, client: AsyncTLSStream, operati
 
 
 # -- the job pool: 200 handshakes, at most 8 jobs -------------------------------------------
-def _run_in_fresh_thread(fn: Callable[[], Awaitable[Any]], backend: str,
-                         before: Callable[[], None] | None = None) -> threading.Thread:
-    result: dict[str, Any] = {}
+class _LoopThread(threading.Thread):
+    """A fresh OS thread running its own event loop (its own job pool and notifier)."""
 
-    def main() -> None:
+    def __init__(self, fn: Callable[[], Awaitable[Any]], backend: str,
+                 before: Callable[[], None] | None = None) -> None:
+        super().__init__(daemon=True)
+        self._fn, self._backend, self._before = fn, backend, before
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
         try:
-            if before is not None:
-                before()
-            result["value"] = anyio.run(fn, backend=backend)
-        except BaseException as exc:  # reported by the caller
-            result["error"] = exc
+            if self._before is not None:
+                self._before()
+            self.value = anyio.run(self._fn, backend=self._backend)
+        except BaseException as exc:  # re-raised by _join in the test's thread
+            self.error = exc
 
-    thread = threading.Thread(target=main, daemon=True)
-    thread.result = result  # type: ignore[attr-defined]
+
+def _run_in_fresh_thread(fn: Callable[[], Awaitable[Any]], backend: str,
+                         before: Callable[[], None] | None = None) -> _LoopThread:
+    thread = _LoopThread(fn, backend, before)
     thread.start()
     return thread
 
 
-async def _join(thread: threading.Thread, timeout: float) -> Any:
+async def _join(thread: _LoopThread, timeout: float) -> Any:
     await anyio.to_thread.run_sync(thread.join, timeout)
     assert not thread.is_alive(), "the thread's event loop did not finish"
-    result: dict[str, Any] = thread.result  # type: ignore[attr-defined]
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    if thread.error is not None:
+        raise thread.error
+    return thread.value
 
 
 async def test_200_concurrent_handshakes_with_the_job_pool_capped_at_8(

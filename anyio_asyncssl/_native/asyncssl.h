@@ -182,6 +182,7 @@ struct asx_conn {
     /* errors libssl queued inside a job that then paused (e.g. SSLfatal,
      * then the alert's record encryption paused): kept for the retry */
     unsigned long job_errors[8];
+    char *job_error_data[8];  /* their text (malloc'ed), or NULL */
     int njob_errors;
 };
 

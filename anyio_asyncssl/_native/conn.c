@@ -162,6 +162,81 @@ int asx_async_callback(SSL *s, void *arg)
 /* ------------------------------------------------------------------ */
 /* connection                                                          */
 /* ------------------------------------------------------------------ */
+#define ASX_MAX_JOB_ERRORS ((int)(sizeof(((asx_conn *)0)->job_errors) / sizeof(unsigned long)))
+
+static void job_errors_clear(asx_conn *c)
+{
+    int i;
+
+    for (i = 0; i < c->njob_errors; i++) {
+        free(c->job_error_data[i]);
+        c->job_error_data[i] = NULL;
+    }
+    c->njob_errors = 0;
+}
+
+/* pop one error with a copy of its text (NULL: none); 0 when the queue is empty */
+static unsigned long pop_error(char **text)
+{
+    const char *data = NULL;
+    int flags = 0;
+    unsigned long e = ERR_get_error_all(NULL, NULL, NULL, &data, &flags);
+
+    *text = NULL;
+    if (e != 0 && (flags & ERR_TXT_STRING) && data != NULL && *data != '\0')
+        *text = strdup(data);   /* before any push can reuse the slot */
+    return e;
+}
+
+static void push_error(unsigned long e, const char *text)
+{
+    if (text != NULL)
+        ERR_raise_data(ERR_GET_LIB(e), ERR_GET_REASON(e), "%s", text);
+    else
+        ERR_raise(ERR_GET_LIB(e), ERR_GET_REASON(e));
+}
+
+/* a job paused with errors queued: they belong to its operation, keep them */
+static void job_errors_save(asx_conn *c)
+{
+    char *text;
+    unsigned long e;
+
+    while ((e = pop_error(&text)) != 0) {
+        if (c->njob_errors < ASX_MAX_JOB_ERRORS) {
+            c->job_errors[c->njob_errors] = e;
+            c->job_error_data[c->njob_errors++] = text;
+        } else {
+            free(text);
+        }
+    }
+}
+
+/* the job ended in failure: its saved errors go back first, then the later ones */
+static void job_errors_restore(asx_conn *c)
+{
+    unsigned long later[ASX_MAX_JOB_ERRORS];
+    char *later_text[ASX_MAX_JOB_ERRORS], *text;
+    unsigned long e;
+    int nl = 0, i;
+
+    while ((e = pop_error(&text)) != 0) {
+        if (nl < ASX_MAX_JOB_ERRORS) {
+            later[nl] = e;
+            later_text[nl++] = text;
+        } else {
+            free(text);
+        }
+    }
+    for (i = 0; i < c->njob_errors; i++)
+        push_error(c->job_errors[i], c->job_error_data[i]);
+    for (i = 0; i < nl; i++) {
+        push_error(later[i], later_text[i]);
+        free(later_text[i]);
+    }
+    job_errors_clear(c);
+}
+
 asx_conn *asx_conn_new(SSL_CTX *ctx, int server, size_t read_cap, size_t write_cap,
                        int use_callback, uint64_t id)
 {
@@ -209,6 +284,7 @@ int asx_conn_free(asx_conn *c)
         return 1;
     if (c->pending_op != ASX_OP_NONE || SSL_waiting_for_async(c->ssl))
         return 0;
+    job_errors_clear(c);
     SSL_free(c->ssl);    /* frees both BIOs */
     free(c->read_buf);
     free(c->write_buf);
@@ -255,7 +331,7 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
         if (c->pending_op == op)
             c->retries++;
         else
-            c->njob_errors = 0;
+            job_errors_clear(c);
         ERR_clear_error();
         switch (op) {
         case ASX_OP_HANDSHAKE:
@@ -279,7 +355,7 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
         if (ret > 0 || (op == ASX_OP_SHUTDOWN && ret == 0)) {
             r->status = ASX_DONE;
             r->result = (op == ASX_OP_READ || op == ASX_OP_WRITE) ? n : (size_t)ret;
-            c->njob_errors = 0;
+            job_errors_clear(c);
         } else if (SSL_waiting_for_async(c->ssl)) {
             /* A job is paused, whatever SSL_get_error() says: it looks at the
              * error queue first, and libssl may have queued an error inside
@@ -287,36 +363,22 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
              * encryption can pause).  Reporting that as a failure would let
              * the SSL be freed under its paused job (rule 4).  The errors
              * belong to the operation: keep them for the retry. */
-            unsigned long e;
-
             r->ssl_error = SSL_ERROR_WANT_ASYNC;
             r->status = ASX_WANT_ASYNC;
             c->want_async++;
             if (!SSL_get_async_status(c->ssl, &r->async_status))
                 r->async_status = ASYNC_STATUS_UNSUPPORTED;
-            while ((e = ERR_get_error()) != 0)
-                if (c->njob_errors < (int)(sizeof(c->job_errors) / sizeof(c->job_errors[0])))
-                    c->job_errors[c->njob_errors++] = e;
+            job_errors_save(c);
         } else {
             r->ssl_error = SSL_get_error(c->ssl, ret);
             if (c->njob_errors > 0 && (r->ssl_error == SSL_ERROR_SSL
                                        || r->ssl_error == SSL_ERROR_SYSCALL)) {
                 /* the job ended in failure: put back what it queued before
-                 * pausing (ahead of anything queued since) */
-                unsigned long later[8];
-                int nl = 0, i;
-                unsigned long e;
-
-                while ((e = ERR_get_error()) != 0)
-                    if (nl < 8)
-                        later[nl++] = e;
-                for (i = 0; i < c->njob_errors; i++)
-                    ERR_raise(ERR_GET_LIB(c->job_errors[i]), ERR_GET_REASON(c->job_errors[i]));
-                for (i = 0; i < nl; i++)
-                    ERR_raise(ERR_GET_LIB(later[i]), ERR_GET_REASON(later[i]));
+                 * pausing, ahead of anything queued since */
+                job_errors_restore(c);
                 r->ssl_error = SSL_ERROR_SSL;
             }
-            c->njob_errors = 0;
+            job_errors_clear(c);
             switch (r->ssl_error) {
             case SSL_ERROR_WANT_READ:
                 r->status = ASX_WANT_READ;
