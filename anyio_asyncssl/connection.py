@@ -166,8 +166,8 @@ class _Handle:
         if c is None or self.parked:
             # freed, or already parked (free() and then __del__ both release)
             return
-        if c.pending_op == lib.ASX_OP_NONE:
-            lib.asx_conn_free(c)
+        # asx_conn_free refuses while a job is paused (also asked of OpenSSL)
+        if c.pending_op == lib.ASX_OP_NONE and lib.asx_conn_free(c):
             self.conn = None
             with _lock:
                 _counters["freed"] += 1
@@ -195,9 +195,8 @@ def reap_parked() -> int:
         c = h.conn
         lib.asx_step(c, c.pending_op, ffi.NULL, 0, 0, ffi.NULL, 0, h.result)
         drain_queue()
-        if c.pending_op == lib.ASX_OP_NONE:
+        if c.pending_op == lib.ASX_OP_NONE and lib.asx_conn_free(c):
             _paused.get(me, set()).discard(h)
-            lib.asx_conn_free(c)
             h.conn = None
             freed += 1
         else:
