@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,23 @@ def offload() -> Iterator[A.Offload]:
     off = A.Offload(workers=2)
     yield off
     off.close()
+
+
+@pytest.fixture
+def no_jobs_left(engine: TestEngine) -> Iterator[None]:
+    """Fails the test if it leaves an async job paused or a parked connection unreaped."""
+    before = A.connection_counters()
+    yield
+    gc.collect()
+    deadline = time.monotonic() + 10.0
+    while A.connection_counters()["parked_now"] > before["parked_now"]:
+        A.reap_parked()
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.001)
+    after = A.connection_counters()
+    assert after["paused_now"] == before["paused_now"], "a test left an async job paused"
+    assert after["parked_now"] == before["parked_now"], "a parked connection was never reaped"
 
 
 @pytest.fixture

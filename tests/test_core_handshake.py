@@ -9,12 +9,11 @@ through the engine's wait fd, and the retry finished the handshake.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import random
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from conftest import Pki
@@ -30,20 +29,8 @@ Status = A.Status
 
 # -- helpers ---------------------------------------------------------------------
 @pytest.fixture(autouse=True)
-def _no_paused_jobs_left(engine: TestEngine) -> Iterator[None]:
+def _no_paused_jobs_left(no_jobs_left: None) -> None:
     """Every test must leave no job paused and nothing parked (DESIGN rule 4)."""
-    before = A.connection_counters()
-    yield
-    gc.collect()
-    deadline = time.monotonic() + TIMEOUT
-    while A.connection_counters()["parked_now"] > before["parked_now"]:
-        A.reap_parked()
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.001)
-    after = A.connection_counters()
-    assert after["paused_now"] == before["paused_now"], "a test left an async job paused"
-    assert after["parked_now"] == before["parked_now"], "a parked connection was never reaped"
 
 
 def _pair(server_ctx: A.TLSContext, client_ctx: A.TLSContext,

@@ -13,7 +13,7 @@ import select
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,20 +29,8 @@ Status = A.Status
 
 # -- helpers ---------------------------------------------------------------------
 @pytest.fixture(autouse=True)
-def _no_paused_jobs_left(engine: TestEngine) -> Iterator[None]:
+def _no_paused_jobs_left(no_jobs_left: None) -> None:
     """Every test must leave no job paused and nothing parked (DESIGN rule 4)."""
-    before = A.connection_counters()
-    yield
-    gc.collect()
-    deadline = time.monotonic() + TIMEOUT
-    while A.connection_counters()["parked_now"] > before["parked_now"]:
-        A.reap_parked()
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.001)
-    after = A.connection_counters()
-    assert after["paused_now"] == before["paused_now"], "a test left an async job paused"
-    assert after["parked_now"] == before["parked_now"], "a parked connection was never reaped"
 
 
 def _pair(server_ctx: A.TLSContext, client_ctx: A.TLSContext, notify: str = "callback",
