@@ -36,6 +36,7 @@ kind, backend, port, certfile, keyfile, seconds = sys.argv[1:7]
 port = int(port); seconds = float(seconds)
 lateness = []
 handshakes = [0]
+OFFLOAD = None
 
 async def ticker(sleep):
     period = 0.005
@@ -51,6 +52,10 @@ def report():
            "lag_p99_ms": lat[int(len(lat) * 0.99)] * 1e3,
            "lag_max_ms": lat[-1] * 1e3,
            "cpu_s": time.process_time()}
+    if OFFLOAD is not None:
+        st = OFFLOAD.stats()
+        out["offloaded"] = st.completed
+        out["pauses"] = st.pauses
     print("RESULT " + json.dumps(out), flush=True)
 
 if kind in ("asyncssl-offload", "asyncssl-nooffload", "anyio-stdlib"):
@@ -58,7 +63,7 @@ if kind in ("asyncssl-offload", "asyncssl-nooffload", "anyio-stdlib"):
     if kind.startswith("asyncssl"):
         import anyio_asyncssl as A
         from anyio_asyncssl.stream import AsyncTLSListener
-        off = A.Offload() if kind == "asyncssl-offload" else None
+        off = OFFLOAD = A.Offload() if kind == "asyncssl-offload" else None
         ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=off)
         ctx.load_cert_chain(certfile, keyfile)
         make = lambda l: AsyncTLSListener(l, ctx, standard_compatible=False)
