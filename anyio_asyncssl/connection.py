@@ -243,6 +243,22 @@ import atexit  # noqa: E402
 atexit.register(_free_at_exit)
 
 
+_thread_buffers = threading.local()
+
+
+def _out_buffer() -> Any:
+    """This thread's ciphertext drain buffer.
+
+    asx_step copies the write BIO into it and Python copies it out right
+    after, in the same thread: no OpenSSL job ever holds it, so one per
+    thread serves every connection (instead of 256 KiB per connection).
+    """
+    buf = getattr(_thread_buffers, "out", None)
+    if buf is None:
+        buf = _thread_buffers.out = ffi.new("unsigned char[]", OUT_BUFFER_SIZE)
+    return buf
+
+
 class _Freed:
     """Stands in for the C connection after free(): any use is a clear error."""
 
@@ -302,8 +318,7 @@ class TLSConnection:
         if conn == ffi.NULL:
             raise error_from_queue("could not create the TLS connection")
         self._c = conn
-        self._out = ffi.new("unsigned char[]", OUT_BUFFER_SIZE)
-        self._h = _Handle(conn, [context, context._handle, self._out])
+        self._h = _Handle(conn, [context, context._handle])
         with _lock:
             _counters["created"] += 1
         self._outgoing: list[bytes] = []
@@ -371,16 +386,17 @@ class TLSConnection:
                 f"{Operation(op).name.lower()} refused: the {Operation(pending).name.lower()}'s "
                 "async job is paused; retry that operation first")
         r = self._h.result
+        out = _out_buffer()
         if incoming:
-            lib.asx_step(c, op, ffi.from_buffer(incoming), len(incoming), arg, self._out,
+            lib.asx_step(c, op, ffi.from_buffer(incoming), len(incoming), arg, out,
                          OUT_BUFFER_SIZE, r)
         else:
-            lib.asx_step(c, op, ffi.NULL, 0, arg, self._out, OUT_BUFFER_SIZE, r)
+            lib.asx_step(c, op, ffi.NULL, 0, arg, out, OUT_BUFFER_SIZE, r)
         if r.out_len:
-            self._outgoing.append(ffi.buffer(self._out, r.out_len)[:])
+            self._outgoing.append(ffi.buffer(out, r.out_len)[:])
             while r.out_pending:
-                lib.asx_step(c, 0, ffi.NULL, 0, 0, self._out, OUT_BUFFER_SIZE, r)
-                self._outgoing.append(ffi.buffer(self._out, r.out_len)[:])
+                lib.asx_step(c, 0, ffi.NULL, 0, 0, out, OUT_BUFFER_SIZE, r)
+                self._outgoing.append(ffi.buffer(out, r.out_len)[:])
         status = r.status
         if status == lib.ASX_WANT_ASYNC:
             self._async_status = AsyncStatus(r.async_status)
@@ -506,9 +522,10 @@ class TLSConnection:
         """Everything OpenSSL wrote since the last call (ciphertext for the transport)."""
         _bound(self)
         r = self._h.result
-        lib.asx_step(self._c, 0, ffi.NULL, 0, 0, self._out, OUT_BUFFER_SIZE, r)
+        out = _out_buffer()
+        lib.asx_step(self._c, 0, ffi.NULL, 0, 0, out, OUT_BUFFER_SIZE, r)
         if r.out_len:
-            self._outgoing.append(ffi.buffer(self._out, r.out_len)[:])
+            self._outgoing.append(ffi.buffer(out, r.out_len)[:])
         out = self._outgoing
         if not out:
             return b""
@@ -523,10 +540,11 @@ class TLSConnection:
         _bound(self)
         chunks: list[bytes] = []
         while True:
-            n = lib.asx_conn_take_input(self._c, self._out, OUT_BUFFER_SIZE)
+            out = _out_buffer()
+            n = lib.asx_conn_take_input(self._c, out, OUT_BUFFER_SIZE)
             if n == 0:
                 return b"".join(chunks)
-            chunks.append(ffi.buffer(self._out, n)[:])
+            chunks.append(ffi.buffer(out, n)[:])
 
     # -- async state ----------------------------------------------------------
     @property
