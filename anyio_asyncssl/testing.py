@@ -34,6 +34,7 @@ __all__ = [
     "cipher_counters",
     "pump",
     "pump_until",
+    "retry_while_async",
 ]
 
 TEST_PROVIDER_NAME = "asyncssl-test"
@@ -144,6 +145,21 @@ def _wait_engine(conn: TLSConnection, deadline: float) -> None:
     if time.monotonic() > deadline:
         raise TimeoutError("the engine never completed")
     time.sleep(0.0002)
+
+
+def retry_while_async(call: Callable[[], Status], *, timeout: float = 10.0) -> list[Status]:
+    """Call ``call`` (one operation) until it stops answering WANT_ASYNC; return every answer.
+
+    Sleeps briefly between tries: for tests without an event loop only.
+    """
+    deadline = time.monotonic() + timeout
+    seen = [call()]
+    while seen[-1] is Status.WANT_ASYNC:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still WANT_ASYNC after {timeout} s")
+        time.sleep(0.0002)
+        seen.append(call())
+    return seen
 
 
 def pump_until(

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import anyio_asyncssl as A
-from anyio_asyncssl.testing import TestEngine, cipher_counters, pump, pump_until
+from anyio_asyncssl.testing import TestEngine, cipher_counters, pump, pump_until, retry_while_async
 
 TIMEOUT = 10.0
 Status = A.Status
@@ -42,14 +42,7 @@ def _pair(server_ctx: A.TLSContext, client_ctx: A.TLSContext,
 
 def _retry(call: Callable[[], Status], *, timeout: float = TIMEOUT) -> list[Status]:
     """Call ``call`` until it stops answering WANT_ASYNC; return every answer."""
-    deadline = time.monotonic() + timeout
-    seen = [call()]
-    while seen[-1] is Status.WANT_ASYNC:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"still WANT_ASYNC after {timeout} s")
-        time.sleep(0.0002)
-        seen.append(call())
-    return seen
+    return retry_while_async(call, timeout=timeout)
 
 
 def _send(src: A.TLSConnection, dst: A.TLSConnection, data: bytes, *,

@@ -21,7 +21,7 @@ from conftest import Pki
 
 import anyio_asyncssl as A
 from anyio_asyncssl._ffi import ffi, lib
-from anyio_asyncssl.testing import TestEngine, pump
+from anyio_asyncssl.testing import TestEngine, pump, retry_while_async
 
 TIMEOUT = 10.0
 Status = A.Status
@@ -51,14 +51,7 @@ def _wait_until(pred: Callable[[], bool], what: str, timeout: float = TIMEOUT) -
 
 def _retry(call: Callable[[], Status], *, timeout: float = TIMEOUT) -> list[Status]:
     """Call ``call`` until it stops answering WANT_ASYNC; return every answer."""
-    deadline = time.monotonic() + timeout
-    seen = [call()]
-    while seen[-1] is Status.WANT_ASYNC:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"still WANT_ASYNC after {timeout} s")
-        time.sleep(0.0002)
-        seen.append(call())
-    return seen
+    return retry_while_async(call, timeout=timeout)
 
 
 def _start_server_handshake(c: A.TLSConnection, s: A.TLSConnection) -> Status:
