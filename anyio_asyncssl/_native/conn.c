@@ -265,6 +265,8 @@ asx_conn *asx_conn_new(SSL_CTX *ctx, int server, size_t read_cap, size_t write_c
     /* an empty read BIO means "no data yet" until receive_eof() */
     BIO_set_mem_eof_return(c->rbio, -1);
     SSL_set_bio(c->ssl, c->rbio, c->wbio);
+    /* free the ~17 KiB record buffers of idle connections, as CPython's ssl does */
+    SSL_set_mode(c->ssl, SSL_MODE_RELEASE_BUFFERS);
     if (server)
         SSL_set_accept_state(c->ssl);
     else
