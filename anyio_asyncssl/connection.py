@@ -259,6 +259,20 @@ def _out_buffer() -> Any:
     return buf
 
 
+def _shared_buffers() -> tuple[Any, Any]:
+    """This thread's plaintext buffers for reads and writes outside async mode.
+
+    A call outside async mode runs no job, so nothing can keep a pointer into
+    these after the call returns; calls in async mode use pinned buffers of
+    their own connection (asx_conn_pin, DESIGN rule 2).
+    """
+    bufs: tuple[Any, Any] | None = getattr(_thread_buffers, "plain", None)
+    if bufs is None:
+        bufs = _thread_buffers.plain = (ffi.new("unsigned char[]", READ_BUFFER_SIZE),
+                                        ffi.new("unsigned char[]", WRITE_BUFFER_SIZE))
+    return bufs
+
+
 class _Freed:
     """Stands in for the C connection after free(): any use is a clear error."""
 
@@ -325,6 +339,7 @@ class TLSConnection:
         self._async_status = AsyncStatus.UNSUPPORTED
         self._engine_failed = False
         self._handshake_done = False
+        self._pinned = False
         self._notifier: Any = None
         self.async_mode = context.async_mode
         ssl_ = conn.ssl
@@ -441,6 +456,20 @@ class TLSConnection:
             raise error_from_queue("offload engine failed", AsyncEngineError)
         raise error_from_queue(f"TLS {Operation(op).name.lower()} failed")
 
+    def _buffers_for_new_call(self) -> None:
+        """Point the connection at the buffers a new read or write may use."""
+        c = self._c
+        if self._pinned:
+            return
+        if c.async_mode:
+            # this call may pause: its job will keep the buffer's address
+            if not lib.asx_conn_pin(c):
+                raise MemoryError("no memory for the connection's pinned buffers")
+            self._pinned = True
+        elif c.read_buf == ffi.NULL:
+            rbuf, wbuf = _shared_buffers()
+            lib.asx_conn_use_buffers(c, rbuf, READ_BUFFER_SIZE, wbuf, WRITE_BUFFER_SIZE)
+
     # -- operations -----------------------------------------------------------
     def do_handshake(self, incoming: Any = b"") -> Status:
         """Run (or continue) the handshake.  Raises TLSError subclasses on failure."""
@@ -457,6 +486,9 @@ class TLSConnection:
 
         Raises :class:`TLSEOFError` on a transport EOF without close_notify.
         """
+        if self._c.pending_op == lib.ASX_OP_NONE:
+            _bound(self)
+            self._buffers_for_new_call()
         st = self._step(lib.ASX_OP_READ, incoming, max_bytes if max_bytes > 0 else 1)
         if st is Status.DONE:
             return st, ffi.buffer(self._c.read_buf, self._h.result.result)[:]
@@ -477,6 +509,7 @@ class TLSConnection:
                 raise OperationInProgressError(
                     "write retried with different data while its async job is paused")
         elif c.pending_op == lib.ASX_OP_NONE:
+            self._buffers_for_new_call()
             n = min(len(data), c.write_cap)
             if n == 0:
                 return Status.DONE, 0

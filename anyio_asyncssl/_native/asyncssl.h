@@ -164,12 +164,19 @@ struct asx_conn {
     BIO *rbio, *wbio;         /* owned by ssl */
     uint64_t id;
     asx_notifier *notifier;   /* atomic: read by the callback */
-    unsigned char *read_buf;  /* pinned plaintext buffer for SSL_read_ex */
+    /* read_buf/write_buf: what the next SSL_read_ex/SSL_write_ex gets.
+     * Before asx_conn_pin() they point at the thread's shared buffers (set by
+     * asx_conn_use_buffers; only for calls outside async mode, which cannot
+     * pause); after it, at this connection's own pinned buffers (a paused
+     * job keeps the pointer, DESIGN rule 2). */
+    unsigned char *read_buf;
     size_t read_cap;
     size_t read_len;          /* length given to the pending read */
     unsigned char *write_buf; /* pinned plaintext buffer for SSL_write_ex */
     size_t write_cap;
     size_t write_len;         /* bytes in write_buf for the pending write */
+    unsigned char *own_read, *own_write;  /* owned, NULL until pinned */
+    size_t pin_read_cap, pin_write_cap;
     int pending_op;           /* the operation whose job is paused */
     int async_mode;           /* SSL_MODE_ASYNC currently on */
     /* counters (the callback's are atomic) */
@@ -188,6 +195,11 @@ struct asx_conn {
 
 asx_conn *asx_conn_new(SSL_CTX *ctx, int server, size_t read_cap, size_t write_cap,
                        int use_callback, uint64_t id);
+/* give this connection its own pinned buffers (idempotent); 0: no memory */
+int asx_conn_pin(asx_conn *c);
+/* use shared buffers (refused once pinned or while a job is paused) */
+int asx_conn_use_buffers(asx_conn *c, unsigned char *rbuf, size_t rcap,
+                         unsigned char *wbuf, size_t wcap);
 /* 0 (refused) while a job is paused; 1 when freed */
 int asx_conn_free(asx_conn *c);
 void asx_conn_set_notifier(asx_conn *c, asx_notifier *n);

@@ -330,6 +330,9 @@ typedef struct asx_conn {
 asx_conn *asx_conn_new(SSL_CTX *ctx, int server, size_t read_cap, size_t write_cap,
                        int use_callback, uint64_t id);
 int asx_conn_free(asx_conn *c);
+int asx_conn_pin(asx_conn *c);
+int asx_conn_use_buffers(asx_conn *c, unsigned char *rbuf, size_t rcap,
+                         unsigned char *wbuf, size_t wcap);
 void asx_conn_set_notifier(asx_conn *c, asx_notifier *n);
 void asx_conn_set_async(asx_conn *c, int on);
 void asx_conn_set_eof(asx_conn *c);

@@ -245,20 +245,17 @@ asx_conn *asx_conn_new(SSL_CTX *ctx, int server, size_t read_cap, size_t write_c
     if (c == NULL)
         return NULL;
     c->id = id;
-    c->read_cap = read_cap;
-    c->write_cap = write_cap;
-    c->read_buf = malloc(read_cap ? read_cap : 1);
-    c->write_buf = malloc(write_cap ? write_cap : 1);
+    /* buffers are pinned lazily (asx_conn_pin): most connections only read
+     * and write outside async mode and use their thread's shared buffers */
+    c->pin_read_cap = read_cap ? read_cap : 1;
+    c->pin_write_cap = write_cap ? write_cap : 1;
     c->ssl = SSL_new(ctx);
     c->rbio = BIO_new(BIO_s_mem());
     c->wbio = BIO_new(BIO_s_mem());
-    if (c->read_buf == NULL || c->write_buf == NULL || c->ssl == NULL || c->rbio == NULL
-        || c->wbio == NULL) {
+    if (c->ssl == NULL || c->rbio == NULL || c->wbio == NULL) {
         BIO_free(c->rbio);
         BIO_free(c->wbio);
         SSL_free(c->ssl);
-        free(c->read_buf);
-        free(c->write_buf);
         free(c);
         return NULL;
     }
@@ -288,9 +285,43 @@ int asx_conn_free(asx_conn *c)
         return 0;
     job_errors_clear(c);
     SSL_free(c->ssl);    /* frees both BIOs */
-    free(c->read_buf);
-    free(c->write_buf);
+    free(c->own_read);
+    free(c->own_write);
     free(c);
+    return 1;
+}
+
+int asx_conn_pin(asx_conn *c)
+{
+    if (c->own_read == NULL) {
+        unsigned char *r = malloc(c->pin_read_cap), *w = malloc(c->pin_write_cap);
+
+        if (r == NULL || w == NULL) {
+            free(r);
+            free(w);
+            return 0;
+        }
+        c->own_read = r;
+        c->own_write = w;
+    }
+    if (c->pending_op == ASX_OP_NONE) {
+        c->read_buf = c->own_read;
+        c->read_cap = c->pin_read_cap;
+        c->write_buf = c->own_write;
+        c->write_cap = c->pin_write_cap;
+    }
+    return 1;
+}
+
+int asx_conn_use_buffers(asx_conn *c, unsigned char *rbuf, size_t rcap,
+                         unsigned char *wbuf, size_t wcap)
+{
+    if (c->own_read != NULL || c->pending_op != ASX_OP_NONE || c->async_mode)
+        return 0;
+    c->read_buf = rbuf;
+    c->read_cap = rcap;
+    c->write_buf = wbuf;
+    c->write_cap = wcap;
     return 1;
 }
 
@@ -340,11 +371,21 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
             ret = SSL_do_handshake(c->ssl);
             break;
         case ASX_OP_READ:
+            if (c->read_buf == NULL) {
+                ERR_raise_data(ERR_LIB_SSL, ERR_R_PASSED_NULL_PARAMETER, "no read buffer");
+                ret = 0;
+                break;
+            }
             if (c->pending_op != ASX_OP_READ)
                 c->read_len = arg < c->read_cap ? arg : c->read_cap;
             ret = SSL_read_ex(c->ssl, c->read_buf, c->read_len, &n);
             break;
         case ASX_OP_WRITE:
+            if (c->write_buf == NULL) {
+                ERR_raise_data(ERR_LIB_SSL, ERR_R_PASSED_NULL_PARAMETER, "no write buffer");
+                ret = 0;
+                break;
+            }
             ret = SSL_write_ex(c->ssl, c->write_buf, c->write_len, &n);
             break;
         case ASX_OP_SHUTDOWN:
