@@ -68,8 +68,11 @@ class Driver:
         self.conn = conn
         self._send = send
         self._receive = receive
-        self._send_lock = anyio.Lock()
-        self._recv_lock = anyio.Lock()
+        # uncontended, these take no checkpoint: the transport calls they
+        # guard checkpoint anyway, and on trio a lock checkpoint per record
+        # costs a scheduler round trip
+        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._recv_lock = anyio.Lock(fast_acquire=True)
         self._pause_end = anyio.Event()
         self._pause_end.set()
         self._stash: list[bytes] = []
