@@ -29,6 +29,7 @@ from .errors import (
 )
 from .notifier import Notifier
 from .offload import Offload, OffloadStats, default_offload
+from .stream import AsyncTLSAttribute, AsyncTLSListener, AsyncTLSStream, connect_tcp
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,9 @@ __all__ = [
     "OPENSSL_VERSION_NUMBER",
     "AsyncEngineError",
     "AsyncStatus",
+    "AsyncTLSAttribute",
+    "AsyncTLSListener",
+    "AsyncTLSStream",
     "CertificateVerifyError",
     "Notifier",
     "Offload",
@@ -52,6 +56,7 @@ __all__ = [
     "TLSFileNotFoundError",
     "TLSSession",
     "WrongThreadError",
+    "connect_tcp",
     "connection_counters",
     "create_default_context",
     "default_offload",
