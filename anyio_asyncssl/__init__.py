@@ -29,9 +29,20 @@ from .errors import (
 )
 from .notifier import Notifier
 from .offload import Offload, OffloadStats, default_offload
-from .stream import AsyncTLSAttribute, AsyncTLSListener, AsyncTLSStream, connect_tcp
 
 __version__ = "0.1.0"
+
+# The anyio face is imported on first use, so that the sans-IO core
+# (context, connection, offload, testing) never imports anyio or trio.
+_STREAM_NAMES = ("AsyncTLSAttribute", "AsyncTLSListener", "AsyncTLSStream", "connect_tcp")
+
+
+def __getattr__(name: str) -> object:
+    if name in _STREAM_NAMES:
+        from . import stream
+
+        return getattr(stream, name)
+    raise AttributeError(f"module 'anyio_asyncssl' has no attribute {name!r}")
 
 __all__ = [
     "OPENSSL_VERSION",

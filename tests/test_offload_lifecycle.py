@@ -164,3 +164,14 @@ def test_default_offload_is_shared_and_renewed_after_close() -> None:
     a.close()
     b = A.default_offload()
     assert b is not a and not b.closed
+
+
+def test_the_sans_io_core_imports_no_event_loop_library() -> None:
+    code = ("import sys, anyio_asyncssl, anyio_asyncssl.testing; "
+            "from anyio_asyncssl import TLSConnection, TLSContext, Offload; "
+            "assert 'anyio' not in sys.modules and 'trio' not in sys.modules, "
+            "[m for m in sys.modules if m.startswith(('anyio', 'trio'))]; "
+            "from anyio_asyncssl import AsyncTLSStream; assert 'anyio' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
