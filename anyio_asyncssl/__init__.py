@@ -7,6 +7,8 @@ pauses the TLS call, and the engine's completion wakes the loop.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._ffi import OPENSSL_VERSION, OPENSSL_VERSION_NUMBER
 from .connection import (
     AsyncStatus,
@@ -29,6 +31,9 @@ from .errors import (
 )
 from .notifier import Notifier
 from .offload import Offload, OffloadStats, default_offload
+
+if TYPE_CHECKING:
+    from .stream import AsyncTLSAttribute, AsyncTLSListener, AsyncTLSStream, connect_tcp
 
 __version__ = "0.1.0"
 
