@@ -102,6 +102,14 @@ class AsyncStatus(enum.IntEnum):
 
 
 _STATUS = {int(s): s for s in Status}
+# hot-path constants (attribute lookups on the cffi lib cost more than locals)
+_asx_step = lib.asx_step
+_NULL = ffi.NULL
+_OP_READ = lib.ASX_OP_READ
+_WANT_ASYNC = lib.ASX_WANT_ASYNC
+_FAILED = lib.ASX_EOF  # statuses >= this (but WANT_WRITE) raise
+_WANT_WRITE = lib.ASX_WANT_WRITE
+_ASYNC_ERR = lib.ASYNC_STATUS_ERR
 _ids = itertools.count(1)
 
 
@@ -393,37 +401,41 @@ class TLSConnection:
 
     # -- the step -------------------------------------------------------------
     def _step(self, op: int, incoming: Any, arg: int) -> Status:
+        """One asx_step call: feed, run ``op``, classify, drain (the hot path)."""
         c = self._c
-        me = _bound(self)
+        h = self._h
+        me = threading.get_ident()
+        if h.owner != me:
+            _bound(self)
         pending = c.pending_op
         if pending and pending != op:
             raise OperationInProgressError(
                 f"{Operation(op).name.lower()} refused: the {Operation(pending).name.lower()}'s "
                 "async job is paused; retry that operation first")
-        r = self._h.result
+        r = h.result
         out = _out_buffer()
         if incoming:
-            lib.asx_step(c, op, ffi.from_buffer(incoming), len(incoming), arg, out,
-                         OUT_BUFFER_SIZE, r)
+            _asx_step(c, op, ffi.from_buffer(incoming), len(incoming), arg, out,
+                      OUT_BUFFER_SIZE, r)
         else:
-            lib.asx_step(c, op, ffi.NULL, 0, arg, out, OUT_BUFFER_SIZE, r)
+            _asx_step(c, op, _NULL, 0, arg, out, OUT_BUFFER_SIZE, r)
         if r.out_len:
             self._outgoing.append(ffi.buffer(out, r.out_len)[:])
             while r.out_pending:
-                lib.asx_step(c, 0, ffi.NULL, 0, 0, out, OUT_BUFFER_SIZE, r)
+                _asx_step(c, 0, _NULL, 0, 0, out, OUT_BUFFER_SIZE, r)
                 self._outgoing.append(ffi.buffer(out, r.out_len)[:])
-        status = r.status
-        if status == lib.ASX_WANT_ASYNC:
+        status: int = r.status
+        if status == _WANT_ASYNC:
             self._async_status = AsyncStatus(r.async_status)
-            if r.async_status == lib.ASYNC_STATUS_ERR:
+            if r.async_status == _ASYNC_ERR:
                 self._engine_failed = True
             if not pending:
                 with _lock:
-                    _paused.setdefault(me, set()).add(self._h)
+                    _paused.setdefault(me, set()).add(h)
         elif pending:
             with _lock:
-                _paused.get(me, set()).discard(self._h)
-        if status >= lib.ASX_EOF and status != lib.ASX_WANT_WRITE:
+                _paused.get(me, set()).discard(h)
+        if status >= _FAILED and status != _WANT_WRITE:
             self._raise_error(op, status)
         return _STATUS[status]
 
@@ -486,12 +498,13 @@ class TLSConnection:
 
         Raises :class:`TLSEOFError` on a transport EOF without close_notify.
         """
-        if self._c.pending_op == lib.ASX_OP_NONE:
+        c = self._c
+        if not c.pending_op and not self._pinned and (c.async_mode or c.read_buf == _NULL):
             _bound(self)
             self._buffers_for_new_call()
-        st = self._step(lib.ASX_OP_READ, incoming, max_bytes if max_bytes > 0 else 1)
+        st = self._step(_OP_READ, incoming, max_bytes if max_bytes > 0 else 1)
         if st is Status.DONE:
-            return st, ffi.buffer(self._c.read_buf, self._h.result.result)[:]
+            return st, ffi.buffer(c.read_buf, self._h.result.result)[:]
         return st, b""
 
     def write(self, data: Any, incoming: Any = b"") -> tuple[Status, int]:
@@ -509,7 +522,8 @@ class TLSConnection:
                 raise OperationInProgressError(
                     "write retried with different data while its async job is paused")
         elif c.pending_op == lib.ASX_OP_NONE:
-            self._buffers_for_new_call()
+            if not self._pinned and (c.async_mode or c.write_buf == _NULL):
+                self._buffers_for_new_call()
             n = min(len(data), c.write_cap)
             if n == 0:
                 return Status.DONE, 0
@@ -567,6 +581,14 @@ class TLSConnection:
 
     def has_bytes_to_send(self) -> bool:
         return bool(self._outgoing)
+
+    def take_bytes_to_send(self) -> bytes:
+        """What the operations wrote (each step drains OpenSSL fully): no C call."""
+        out = self._outgoing
+        if not out:
+            return b""
+        self._outgoing = []
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def take_unread_input(self) -> bytes:
         """Ciphertext received but not consumed by OpenSSL (after unwrap: trailing data)."""

@@ -97,10 +97,11 @@ class Driver:
         d = self._dispatcher or self._bind()
         incoming = b""
         while True:
-            pending = conn.pending_operation
+            c = conn._c  # the C connection: its fields are read directly on this hot path
+            pending = c.pending_op
             # (a pending job with _pause_end set has no task finishing it: the
             # step then raises OperationInProgressError instead of spinning)
-            while pending is not None and pending != op and not self._pause_end.is_set():
+            while pending and pending != op and not self._pause_end.is_set():
                 if incoming:
                     # never hold received ciphertext across an await: a cancel
                     # here would drop it and break the record stream; the
@@ -108,8 +109,9 @@ class Driver:
                     conn.receive_bytes(incoming)
                     incoming = b""
                 await self._pause_end.wait()
-                pending = conn.pending_operation
-            before = conn.wakeups
+                c = conn._c
+                pending = c.pending_op
+            before = int(c.wakeups)
             try:
                 status = step(incoming)
                 incoming = b""
@@ -119,7 +121,7 @@ class Driver:
                 d.release_job_waiter()  # this call finished: it no longer holds a job
                 await self._send_alert()
                 raise
-            if status is not Status.WANT_ASYNC_JOB:
+            if d.job_waiters and status is not Status.WANT_ASYNC_JOB:
                 d.release_job_waiter()
             if self._queue_output():
                 await self._flush()
@@ -221,9 +223,10 @@ class Driver:
         would stop reading what the peer sends, and if the peer does the
         same, full duplex deadlocks.
         """
-        if not self.conn.has_bytes_to_send():
+        data = self.conn.take_bytes_to_send()
+        if not data:
             return False
-        self._outq.append(self.conn.bytes_to_send())
+        self._outq.append(data)
         return True
 
     async def _flush(self) -> None:
