@@ -5,9 +5,10 @@ from __future__ import annotations
 import gc
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -84,3 +85,22 @@ def engine(offload: A.Offload) -> Iterator[TestEngine]:
     yield eng
     eng.clear()
     eng.set_record_pauses(True)
+
+
+def recording_handler(handler: Callable[[Any], Awaitable[None]],
+                      errors: list[BaseException]) -> Callable[[Any], Awaitable[None]]:
+    """Wrap a listener handler: record its exceptions (not cancellation), always close."""
+    import anyio
+
+    async def guarded(stream: Any) -> None:
+        try:
+            await handler(stream)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(stream)
+
+    return guarded

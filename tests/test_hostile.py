@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
-from conftest import Pki
+from conftest import Pki, recording_handler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,16 +97,7 @@ async def serving(ctx: A.TLSContext,
                   handler_errors: list[BaseException]) -> AsyncIterator[tuple[int, list[Any]]]:
     """Serve on 127.0.0.1; yield (port, the handshake errors as they are recorded)."""
 
-    async def guarded(stream: AsyncTLSStream) -> None:
-        try:
-            await handler(stream)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            handler_errors.append(exc)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.aclose_forcefully(stream)
+    guarded = recording_handler(handler, handler_errors)
 
     tcp = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port = int(tcp.extra(SocketAttribute.local_port))

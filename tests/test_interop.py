@@ -24,7 +24,7 @@ import anyio
 import pytest
 from anyio.abc import ByteReceiveStream, Process, SocketAttribute
 from anyio.streams.tls import TLSAttribute
-from conftest import Pki
+from conftest import Pki, recording_handler
 
 import anyio_asyncssl as A
 from anyio_asyncssl.stream import AsyncTLSListener, AsyncTLSStream, connect_tcp
@@ -71,16 +71,7 @@ async def serving(ctx: A.TLSContext, handler: Handler,
     instead of tearing the listener down, so the test can assert on them.
     """
 
-    async def guarded(stream: AsyncTLSStream) -> None:
-        try:
-            await handler(stream)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            errors.append(exc)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.aclose_forcefully(stream)
+    guarded = recording_handler(handler, errors)
 
     class Listener(AsyncTLSListener):
         async def handle_handshake_error(  # type: ignore[override]  # needs self

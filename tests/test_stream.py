@@ -420,14 +420,19 @@ async def test_our_server_against_stdlib_client(pki: Pki, engine: TestEngine,
                 await peer.aclose()
 
 
+def stdlib_listening_socket(pki: Pki) -> ssl.SSLSocket:
+    """A blocking stdlib TLS server socket listening on 127.0.0.1 (ragged EOFs raise)."""
+    sock = stdlib_server_ctx(pki).wrap_socket(socket.socket(), server_side=True,
+                                              suppress_ragged_eofs=False)
+    sock.settimeout(TIMEOUT)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
 async def test_our_client_against_blocking_stdlib_server_thread(pki: Pki) -> None:
     """anyio's test_send_receive shape: a blocking ssl socket served from a thread."""
-    ssl_ctx = stdlib_server_ctx(pki)
-    server_sock = ssl_ctx.wrap_socket(socket.socket(), server_side=True,
-                                      suppress_ragged_eofs=False)
-    server_sock.settimeout(TIMEOUT)
-    server_sock.bind(("127.0.0.1", 0))
-    server_sock.listen()
+    server_sock = stdlib_listening_socket(pki)
 
     def serve_sync() -> None:
         conn, _ = server_sock.accept()
@@ -576,12 +581,7 @@ async def test_unwrap_returns_the_transport_and_trailing_data(pki: Pki, peer: st
                 assert msg == b"unencrypted"
             return
 
-        ssl_ctx = stdlib_server_ctx(pki)
-        server_sock = ssl_ctx.wrap_socket(socket.socket(), server_side=True,
-                                          suppress_ragged_eofs=False)
-        server_sock.settimeout(TIMEOUT)
-        server_sock.bind(("127.0.0.1", 0))
-        server_sock.listen()
+        server_sock = stdlib_listening_socket(pki)
 
         def serve_sync() -> None:
             conn, _ = server_sock.accept()
