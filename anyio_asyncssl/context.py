@@ -233,10 +233,11 @@ class TLSContext:
         self._has_cert = False
         self._ciphers = DEFAULT_CIPHERS
         self.async_mode: AsyncMode = async_mode or ("handshake" if offload else "off")
-        self.options = (
-            lib.SSL_OP_ALL | lib.SSL_OP_NO_COMPRESSION | lib.SSL_OP_NO_RENEGOTIATION
-            | lib.SSL_OP_CIPHER_SERVER_PREFERENCE
-        )
+        # added to what SSL_CTX_new enables (as CPython does), never assigned:
+        # assigning cleared SSL_OP_ENABLE_MIDDLEBOX_COMPAT, an RFC 8446 D.4 MUST
+        ours = (lib.SSL_OP_ALL | lib.SSL_OP_NO_SSLv3 | lib.SSL_OP_NO_COMPRESSION
+                | lib.SSL_OP_NO_RENEGOTIATION | lib.SSL_OP_CIPHER_SERVER_PREFERENCE)
+        self._apply(lambda ctx: lib.SSL_CTX_set_options(ctx, ours))
         self._apply(lambda ctx: self._check(
             lib.SSL_CTX_set_min_proto_version(ctx, lib.TLS1_2_VERSION)))
         self._apply(lambda ctx: self._check(

@@ -81,6 +81,7 @@ typedef int pem_password_cb(char *buf, int size, int rwflag, void *userdata);
 #define SSL_SESS_CACHE_NO_INTERNAL_STORE ...
 #define XN_FLAG_RFC2253 ...
 static const uint64_t SSL_OP_NO_COMPRESSION;
+static const uint64_t SSL_OP_NO_SSLv3;
 static const uint64_t SSL_OP_NO_RENEGOTIATION;
 static const uint64_t SSL_OP_CIPHER_SERVER_PREFERENCE;
 static const uint64_t SSL_OP_NO_TICKET;
