@@ -57,7 +57,7 @@ def generate_self_signed(
         return ffi.string(cert[0]), ffi.string(key[0])
     finally:
         lib.OPENSSL_free(cert[0])
-        lib.OPENSSL_free(key[0])
+        lib.asx_free_secret(key[0])   # zeroed first: it is a private key
 
 
 def _server_context(args: argparse.Namespace, tmp: str) -> tuple[TLSContext, str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._ffi import ffi, lib
-from .errors import TLSError, raise_from_queue
+from .errors import TLSError, error_from_queue, raise_from_queue
 
 __all__ = ["Offload", "OffloadStats", "default_offload"]
 
@@ -49,6 +49,8 @@ class OffloadStats:
 
 
 _live: weakref.WeakSet[Offload] = weakref.WeakSet()
+# the C entry that installs our providers (a module global, so a test can fail it)
+_install_offload = lib.asx_install_offload
 
 
 class Offload:
@@ -66,13 +68,26 @@ class Offload:
             raise ValueError("workers must be >= 0")
         self._lock = threading.Lock()
         self._closed = False
-        self._pool = lib.asx_pool_new(workers)
-        if self._pool == ffi.NULL:
+        # set only once everything exists: a failed __init__ leaves __del__
+        # nothing to free (it used to free the pool a second time)
+        self._pool: Any = None
+        self._libctx: Any = None
+        lib.ERR_clear_error()
+        pool = lib.asx_pool_new(workers)
+        if pool == ffi.NULL:
             raise MemoryError("could not start the offload worker pool")
-        self._libctx = lib.OSSL_LIB_CTX_new()
-        if self._libctx == ffi.NULL or not lib.asx_install_offload(self._libctx, self._pool):
-            lib.asx_pool_unref(self._pool)
-            raise_from_queue("could not load the offload provider", TLSError)
+        libctx = lib.OSSL_LIB_CTX_new()
+        if libctx == ffi.NULL:
+            lib.asx_pool_unref(pool)
+            raise MemoryError("could not create the offload's OpenSSL library context")
+        if not _install_offload(libctx, pool):
+            err = error_from_queue("could not load the offload provider", TLSError)
+            lib.asx_unload_providers(libctx)
+            lib.OSSL_LIB_CTX_free(libctx)
+            lib.asx_pool_unref(pool)
+            raise err
+        self._pool = pool
+        self._libctx = libctx
         self._property_query = "?asyncssl.sign=yes"
         self._providers: list[str] = []
         self._registered: set[str] = set()
@@ -228,6 +243,16 @@ def default_offload() -> Offload:
         if _default is None or _default.closed:
             _default = Offload()
         return _default
+
+
+def _restart_workers_in_child() -> None:
+    """After fork(): the child's pools have no threads (pool.c); start fresh ones."""
+    for off in list(_live):
+        if not off._closed and off._pool is not None:
+            lib.asx_pool_restart(off._pool)
+
+
+os.register_at_fork(after_in_child=_restart_workers_in_child)
 
 
 @atexit.register

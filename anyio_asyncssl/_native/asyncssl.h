@@ -57,6 +57,8 @@ typedef struct {
 asx_pool *asx_pool_new(int nworkers);
 int asx_pool_workers(asx_pool *p);
 void asx_pool_close(asx_pool *p);       /* drain, join; later ops run inline */
+/* after fork(), in the child: start the workers the parent's pool had */
+int asx_pool_restart(asx_pool *p);
 void asx_pool_unref(asx_pool *p);
 void asx_pool_ref(asx_pool *p);
 void asx_pool_get_stats(asx_pool *p, asx_pool_stats *out);
@@ -103,6 +105,8 @@ int asx_install_offload(OSSL_LIB_CTX *libctx, asx_pool *pool);
 /* registers the test record-cipher provider under |name| (load it with
  * OSSL_PROVIDER_load); its pauses go through |pool| */
 int asx_register_test_provider(OSSL_LIB_CTX *libctx, const char *name, asx_pool *pool);
+/* after fork(), in the child (called by pool.c's fork handler) */
+void asx_providers_after_fork_child(void);
 /* unload what we loaded into |libctx| (before OSSL_LIB_CTX_free) */
 void asx_unload_providers(OSSL_LIB_CTX *libctx);
 /* rebuild a loaded key inside the offload provider's keymgmt */
@@ -233,6 +237,8 @@ uint64_t asx_ctx_sni_hits(asx_ctx_ext *e);
 /* certgen.c: a self-signed certificate (OPENSSL_malloc'ed PEM strings) */
 int asx_self_signed(const char *common_name, const char *san, const char *key_type, int bits,
                     int days, char **cert_pem, char **key_pem);
+/* zero, then free, a secret string OpenSSL allocated (a private key's PEM) */
+void asx_free_secret(char *s);
 /* certgen.c: URIs of AIA (kind 0 OCSP, 1 caIssuers) or CRL distribution points (2) */
 int asx_cert_uris(X509 *x, int kind, char *buf, size_t cap);
 

@@ -264,6 +264,7 @@ typedef struct {
 asx_pool *asx_pool_new(int nworkers);
 int asx_pool_workers(asx_pool *p);
 void asx_pool_close(asx_pool *p);
+int asx_pool_restart(asx_pool *p);
 void asx_pool_unref(asx_pool *p);
 void asx_pool_get_stats(asx_pool *p, asx_pool_stats *out);
 void asx_pool_reset_stats(asx_pool *p);
@@ -353,6 +354,7 @@ uint64_t asx_ctx_sni_hits(asx_ctx_ext *e);
 
 int asx_self_signed(const char *common_name, const char *san, const char *key_type, int bits,
                     int days, char **cert_pem, char **key_pem);
+void asx_free_secret(char *s);
 int asx_cert_uris(X509 *x, int kind, char *buf, size_t cap);
 """
 

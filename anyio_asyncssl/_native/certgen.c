@@ -12,6 +12,12 @@
 
 #include "asyncssl.h"
 
+void asx_free_secret(char *s)
+{
+    if (s != NULL)
+        OPENSSL_clear_free(s, strlen(s));
+}
+
 static char *bio_to_string(BIO *b)
 {
     char *data = NULL;
@@ -27,7 +33,8 @@ static char *bio_to_string(BIO *b)
 
 /*
  * |key_type| "rsa" (|bits|) or "ec" (P-256); |san| like "DNS:localhost,IP:127.0.0.1".
- * On success *cert_pem and *key_pem are OPENSSL_malloc'ed strings.
+ * On success *cert_pem and *key_pem are OPENSSL_malloc'ed strings (free the
+ * key with asx_free_secret); on failure both are NULL.
  */
 int asx_self_signed(const char *common_name, const char *san, const char *key_type, int bits,
                     int days, char **cert_pem, char **key_pem)
@@ -80,6 +87,12 @@ int asx_self_signed(const char *common_name, const char *san, const char *key_ty
     *cert_pem = bio_to_string(cb);
     *key_pem = bio_to_string(kb);
     ok = *cert_pem != NULL && *key_pem != NULL;
+    if (!ok) {                /* half made: nothing goes back to the caller */
+        OPENSSL_free(*cert_pem);
+        if (*key_pem != NULL)
+            OPENSSL_clear_free(*key_pem, strlen(*key_pem));
+        *cert_pem = *key_pem = NULL;
+    }
 end:
     X509_EXTENSION_free(ext);
     BIO_free(cb);

@@ -25,6 +25,15 @@
  * before the pause (early), twice (duplicate), or for an operation that
  * never paused; the job simply pauses again while !done.
  *
+ * fork(): a child inherits the pools but none of their threads.  A
+ * pthread_atfork handler holds every pool's lock across fork() (so the
+ * child's copy of a queue is consistent), and in the child empties the
+ * queues (their requests belong to the parent's paused jobs), marks the
+ * pools as having no workers (operations compute inline) and releases the
+ * locks.  asx_pool_restart() then gives a child fresh workers (the Python
+ * layer calls it from os.register_at_fork; a fork made from C without it
+ * keeps computing inline, which is slow but correct).
+ *
  * Fault injection (asx_faults) makes the same code path answer EAGAIN
  * (queue full: status EAGAIN, pause, the application reschedules the retry
  * and we submit on resume), ERR (status ERR, pause, then fail), notify
@@ -61,9 +70,15 @@ struct asx_pool {
     int stopping;            /* under mu */
     pthread_t *threads;
     int refs;                /* atomic */
+    int want_workers;        /* as asked at creation: what a forked child restarts */
     asx_faults faults;       /* under mu */
     asx_pool_stats st;
+    asx_pool *next_pool;     /* every live pool, for the fork handlers (g_pools_mu) */
 };
+
+static pthread_mutex_t g_pools_mu = PTHREAD_MUTEX_INITIALIZER;
+static asx_pool *g_pools;
+static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 
 static __thread int tl_worker;
 
@@ -227,10 +242,78 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
+/* fork handlers: hold every lock across fork(), then repair the child */
+static void atfork_prepare(void)
+{
+    asx_pool *p;
+
+    pthread_mutex_lock(&g_pools_mu);
+    for (p = g_pools; p != NULL; p = p->next_pool)
+        pthread_mutex_lock(&p->mu);
+}
+
+static void atfork_parent(void)
+{
+    asx_pool *p;
+
+    for (p = g_pools; p != NULL; p = p->next_pool)
+        pthread_mutex_unlock(&p->mu);
+    pthread_mutex_unlock(&g_pools_mu);
+}
+
+static void atfork_child(void)
+{
+    asx_pool *p;
+
+    for (p = g_pools; p != NULL; p = p->next_pool) {
+        /* the requests are the parent's; the workers did not come along */
+        p->head = p->tail = NULL;
+        p->queued = 0;
+        p->nworkers = 0;
+        p->accepting = 0;
+        pthread_cond_init(&p->cv, NULL);
+        pthread_mutex_unlock(&p->mu);
+    }
+    pthread_mutex_unlock(&g_pools_mu);
+    asx_providers_after_fork_child();
+}
+
+static void atfork_register(void)
+{
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+static int start_workers(asx_pool *p, int n)
+{
+    int i;
+
+    for (i = 0; i < n; i++) {
+        if (pthread_create(&p->threads[i], NULL, worker_main, p) != 0)
+            break;
+        p->nworkers++;
+    }
+    return p->nworkers;
+}
+
+int asx_pool_restart(asx_pool *p)
+{
+    int n;
+
+    pthread_mutex_lock(&p->mu);
+    if (p->stopping || p->nworkers > 0) {   /* closed by its owner, or running */
+        n = p->nworkers;
+        pthread_mutex_unlock(&p->mu);
+        return n;
+    }
+    n = start_workers(p, p->want_workers);
+    p->accepting = n > 0;
+    pthread_mutex_unlock(&p->mu);
+    return n;
+}
+
 asx_pool *asx_pool_new(int nworkers)
 {
     asx_pool *p = calloc(1, sizeof(*p));
-    int i;
 
     if (p == NULL)
         return NULL;
@@ -247,12 +330,16 @@ asx_pool *asx_pool_new(int nworkers)
         free(p);
         return NULL;
     }
-    for (i = 0; i < nworkers; i++) {
-        if (pthread_create(&p->threads[i], NULL, worker_main, p) != 0)
-            break;
-        p->nworkers++;
-    }
+    p->want_workers = nworkers;
+    pthread_once(&g_atfork_once, atfork_register);
+    pthread_mutex_lock(&g_pools_mu);
+    p->next_pool = g_pools;
+    g_pools = p;
+    pthread_mutex_lock(&p->mu);    /* a fork() now must not see a half-made pool */
+    pthread_mutex_unlock(&g_pools_mu);
+    start_workers(p, nworkers);
     p->accepting = p->nworkers > 0;
+    pthread_mutex_unlock(&p->mu);
     return p;
 }
 
@@ -288,9 +375,18 @@ void asx_pool_ref(asx_pool *p) { __atomic_add_fetch(&p->refs, 1, __ATOMIC_ACQ_RE
 
 void asx_pool_unref(asx_pool *p)
 {
+    asx_pool **pp;
+
     if (p == NULL || __atomic_sub_fetch(&p->refs, 1, __ATOMIC_ACQ_REL) != 0)
         return;
     asx_pool_close(p);
+    pthread_mutex_lock(&g_pools_mu);
+    for (pp = &g_pools; *pp != NULL; pp = &(*pp)->next_pool)
+        if (*pp == p) {
+            *pp = p->next_pool;
+            break;
+        }
+    pthread_mutex_unlock(&g_pools_mu);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
     free(p->threads);

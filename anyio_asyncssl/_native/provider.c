@@ -64,92 +64,110 @@
 /* ------------------------------------------------------------------ */
 /* registry: library context -> pool, loaded providers                 */
 /* ------------------------------------------------------------------ */
-#define MAX_REG 64
-static struct {
+/* One entry per library context we installed into, in a linked list: no
+ * fixed limit on how many Offloads a process makes.  Lookups happen when a
+ * provider is initialised (not per operation), so a list is fast enough. */
+#define MAX_LOADED 2          /* "default" and our offload provider */
+typedef struct reg_entry reg_entry;
+struct reg_entry {
     OSSL_LIB_CTX *libctx;
     asx_pool *pool;
-    OSSL_PROVIDER *loaded[4];
-} g_reg[MAX_REG];
+    OSSL_PROVIDER *loaded[MAX_LOADED];
+    reg_entry *next;
+};
+static reg_entry *g_reg;
 static pthread_mutex_t g_reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static __thread int tl_import_open;
 
-static int reg_slot(OSSL_LIB_CTX *libctx, int create)
+/* under g_reg_mu; NULL when absent and !create, or out of memory */
+static reg_entry *reg_find(OSSL_LIB_CTX *libctx, int create)
 {
-    int i, free_slot = -1;
+    reg_entry *e;
 
-    for (i = 0; i < MAX_REG; i++) {
-        if (g_reg[i].libctx == libctx)
-            return i;
-        if (g_reg[i].libctx == NULL && free_slot < 0)
-            free_slot = i;
+    for (e = g_reg; e != NULL; e = e->next)
+        if (e->libctx == libctx)
+            return e;
+    if (!create)
+        return NULL;
+    if ((e = calloc(1, sizeof(*e))) == NULL) {
+        ERR_raise(ERR_LIB_PROV, ERR_R_MALLOC_FAILURE);
+        return NULL;
     }
-    if (!create || free_slot < 0)
-        return -1;
-    g_reg[free_slot].libctx = libctx;
-    return free_slot;
+    e->libctx = libctx;
+    e->next = g_reg;
+    g_reg = e;
+    return e;
 }
 
 static asx_pool *reg_pool(OSSL_LIB_CTX *libctx)
 {
     asx_pool *p = NULL;
-    int i;
+    reg_entry *e;
 
     pthread_mutex_lock(&g_reg_mu);
-    if ((i = reg_slot(libctx, 0)) >= 0)
-        p = g_reg[i].pool;
+    if ((e = reg_find(libctx, 0)) != NULL)
+        p = e->pool;
     pthread_mutex_unlock(&g_reg_mu);
     return p;
 }
 
 static int reg_set_pool(OSSL_LIB_CTX *libctx, asx_pool *pool)
 {
-    int i;
+    reg_entry *e;
 
     pthread_mutex_lock(&g_reg_mu);
-    i = reg_slot(libctx, 1);
-    if (i >= 0 && g_reg[i].pool != pool) {
+    e = reg_find(libctx, 1);
+    if (e != NULL && e->pool != pool) {
         if (pool != NULL)
             asx_pool_ref(pool);
-        if (g_reg[i].pool != NULL)
-            asx_pool_unref(g_reg[i].pool);
-        g_reg[i].pool = pool;
+        if (e->pool != NULL)
+            asx_pool_unref(e->pool);
+        e->pool = pool;
     }
     pthread_mutex_unlock(&g_reg_mu);
-    return i >= 0;
+    return e != NULL;
 }
 
-static void reg_remember(OSSL_LIB_CTX *libctx, OSSL_PROVIDER *prov)
+static int reg_remember(OSSL_LIB_CTX *libctx, OSSL_PROVIDER *prov)
 {
-    int i, j;
+    reg_entry *e;
+    int j, ok = 0;
 
     pthread_mutex_lock(&g_reg_mu);
-    if ((i = reg_slot(libctx, 1)) >= 0)
-        for (j = 0; j < (int)NELEM(g_reg[i].loaded); j++)
-            if (g_reg[i].loaded[j] == NULL) {
-                g_reg[i].loaded[j] = prov;
-                break;
+    if ((e = reg_find(libctx, 1)) != NULL)
+        for (j = 0; j < MAX_LOADED && !ok; j++)
+            if (e->loaded[j] == NULL) {
+                e->loaded[j] = prov;
+                ok = 1;
             }
     pthread_mutex_unlock(&g_reg_mu);
+    if (!ok && e != NULL)
+        ERR_raise_data(ERR_LIB_PROV, ERR_R_INTERNAL_ERROR,
+                       "anyio-asyncssl: more than %d providers loaded by us", MAX_LOADED);
+    return ok;
 }
 
 void asx_unload_providers(OSSL_LIB_CTX *libctx)
 {
-    OSSL_PROVIDER *todo[4] = { NULL };
-    asx_pool *pool = NULL;
-    int i, j;
+    reg_entry **pp, *e = NULL;
+    int j;
 
     pthread_mutex_lock(&g_reg_mu);
-    if ((i = reg_slot(libctx, 0)) >= 0) {
-        memcpy(todo, g_reg[i].loaded, sizeof(todo));
-        pool = g_reg[i].pool;
-        memset(&g_reg[i], 0, sizeof(g_reg[i]));
-    }
+    for (pp = &g_reg; *pp != NULL; pp = &(*pp)->next)
+        if ((*pp)->libctx == libctx) {
+            e = *pp;
+            *pp = e->next;
+            break;
+        }
     pthread_mutex_unlock(&g_reg_mu);
-    for (j = (int)NELEM(todo) - 1; j >= 0; j--)
-        if (todo[j] != NULL)
-            OSSL_PROVIDER_unload(todo[j]);
-    if (pool != NULL)
-        asx_pool_unref(pool);
+    if (e == NULL)
+        return;
+    for (j = MAX_LOADED - 1; j >= 0; j--)
+        if (e->loaded[j] != NULL)
+            OSSL_PROVIDER_unload(e->loaded[j]);
+    if (e->pool != NULL)
+        asx_pool_unref(e->pool);
+    free(e);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1136,7 +1154,10 @@ static int load(OSSL_LIB_CTX *libctx, const char *name)
 
     if (prov == NULL)
         return 0;
-    reg_remember(libctx, prov);
+    if (!reg_remember(libctx, prov)) {
+        OSSL_PROVIDER_unload(prov);
+        return 0;
+    }
     return 1;
 }
 
@@ -1188,4 +1209,11 @@ const char *asx_pkey_provider_name(const EVP_PKEY *pkey)
     const OSSL_PROVIDER *p = pkey == NULL ? NULL : EVP_PKEY_get0_provider(pkey);
 
     return p == NULL ? "" : OSSL_PROVIDER_get0_name(p);
+}
+
+/* after fork(), in the child: a thread of the parent may have held a lock */
+void asx_providers_after_fork_child(void)
+{
+    pthread_mutex_init(&g_reg_mu, NULL);
+    pthread_mutex_init(&g_const_mu, NULL);
 }
