@@ -24,6 +24,7 @@ from .context import Purpose, TLSContext, TLSFileNotFoundError, create_default_c
 from .errors import (
     AsyncEngineError,
     CertificateVerifyError,
+    ConnectionFreedError,
     OperationInProgressError,
     TLSEOFError,
     TLSError,
@@ -58,6 +59,7 @@ __all__ = [
     "AsyncTLSListener",
     "AsyncTLSStream",
     "CertificateVerifyError",
+    "ConnectionFreedError",
     "Notifier",
     "Offload",
     "OffloadStats",

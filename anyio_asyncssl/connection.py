@@ -29,12 +29,22 @@ The rules of async mode are enforced here (DESIGN.md):
 2. The job keeps the pointer of the first call's buffer.  Reads land in a
    pinned per-connection C buffer; writes are copied once into a pinned
    buffer and the retry must carry the same data.
-3. A job resumes only on the thread that started it.  A connection belongs
-   to the thread of its first operation; others get :class:`WrongThreadError`.
-4. A connection with a paused job is never freed: when its owner drops it,
-   it is parked; :func:`reap_parked` (called by the driver whenever wake-ups
-   arrive) finishes such jobs on the owning thread and frees them.  What is
-   still parked at exit is leaked on purpose and counted.
+3. A job resumes only on the thread that started it, and no thread may
+   touch the SSL object while its owner is inside OpenSSL (cffi releases the
+   GIL).  A connection belongs to the thread of its first use (a never-reused
+   thread token, :mod:`~anyio_asyncssl.parking`); every method of another
+   thread, ``free()`` included, gets :class:`WrongThreadError`.  A finaliser
+   may run on any thread: nobody can be inside OpenSSL with a connection
+   whose last reference is gone.
+4. A connection with a paused job is never freed: when it is dropped it is
+   parked; :func:`reap_parked` (called by the driver whenever wake-ups
+   arrive) finishes such jobs on the owning thread and frees them.  What can
+   never be finished is leaked on purpose and counted.
+
+Every buffer handed to C is sized by its bytes (``ffi.from_buffer``'s
+length, ``memoryview.nbytes``), never by ``len()``: a ``bytes`` subclass, an
+``array('I')`` or a multi-byte memoryview answer ``len()`` with something
+else, and OpenSSL would encrypt memory past the buffer or drop data.
 """
 
 from __future__ import annotations
@@ -45,11 +55,13 @@ import itertools
 import threading
 from typing import Any
 
+from . import parking
 from ._ffi import ffi, lib
-from .context import TLSContext, _idna_name
+from .context import TLSContext, _idna_name, check_hostname_text
 from .errors import (
     AsyncEngineError,
     CertificateVerifyError,
+    ConnectionFreedError,
     OperationInProgressError,
     TLSEOFError,
     TLSError,
@@ -57,6 +69,7 @@ from .errors import (
     drain_queue,
     error_from_queue,
 )
+from .parking import connection_counters, current_thread_serial, reap_parked
 
 __all__ = [
     "AsyncStatus",
@@ -149,13 +162,6 @@ class TLSSession:
         return f"<TLSSession id={self.id.hex()[:16]} resumable={self.is_resumable}>"
 
 
-# -- parking (DESIGN rule 4) -----------------------------------------------
-_lock = threading.Lock()
-_parked: dict[int, list[_Handle]] = {}
-_paused: dict[int, set[_Handle]] = {}
-_counters = {"created": 0, "freed": 0, "parked": 0, "reaped": 0, "leaked": 0}
-
-
 class _Handle:
     """Owns the asx_conn* and what its C side points into."""
 
@@ -164,7 +170,7 @@ class _Handle:
     def __init__(self, conn: Any, keepalive: list[Any]) -> None:
         self.conn = conn
         self.keepalive = keepalive
-        self.owner: int | None = None
+        self.owner: int | None = None   # the owning thread's serial (parking.py)
         self.parked = False
         self.result = ffi.new("asx_result *")
 
@@ -177,54 +183,9 @@ class _Handle:
         # asx_conn_free refuses while a job is paused (also asked of OpenSSL)
         if c.pending_op == lib.ASX_OP_NONE and lib.asx_conn_free(c):
             self.conn = None
-            with _lock:
-                _counters["freed"] += 1
+            parking.count("freed")
             return
-        self.parked = True
-        with _lock:
-            _parked.setdefault(self.owner or 0, []).append(self)
-            _counters["parked"] += 1
-
-
-def reap_parked() -> int:
-    """Finish the paused jobs of dropped connections of this thread; free them.
-
-    Returns how many were freed.  Safe to call any time on any thread: only
-    this thread's parked connections are touched.
-    """
-    me = threading.get_ident()
-    with _lock:
-        mine = _parked.pop(me, [])
-    if not mine:
-        return 0
-    keep: list[_Handle] = []
-    freed = 0
-    for h in mine:
-        c = h.conn
-        lib.asx_step(c, c.pending_op, ffi.NULL, 0, 0, ffi.NULL, 0, h.result)
-        drain_queue()
-        if c.pending_op == lib.ASX_OP_NONE and lib.asx_conn_free(c):
-            _paused.get(me, set()).discard(h)
-            h.conn = None
-            freed += 1
-        else:
-            keep.append(h)
-    with _lock:
-        if keep:
-            _parked.setdefault(me, []).extend(keep)
-        _counters["reaped"] += freed
-        _counters["freed"] += freed
-    return freed
-
-
-def connection_counters() -> dict[str, int]:
-    """created, freed, parked (ever), reaped, leaked, live, parked_now, paused_now."""
-    with _lock:
-        out = dict(_counters)
-        out["parked_now"] = sum(len(v) for v in _parked.values())
-        out["paused_now"] = sum(len(v) for v in _paused.values())
-    out["live"] = out["created"] - out["freed"]
-    return out
+        parking.park(self)
 
 
 def set_job_pool(max_jobs: int, init_jobs: int = 0) -> None:
@@ -233,22 +194,11 @@ def set_job_pool(max_jobs: int, init_jobs: int = 0) -> None:
     ``max_jobs=0`` means no cap.  Refused (RuntimeError) while a job of this
     thread is paused: the old pool's dispatcher would go with it.
     """
-    me = threading.get_ident()
-    if _paused.get(me):
+    if parking.has_paused_jobs(current_thread_serial()):
         raise RuntimeError("cannot change the job pool while async jobs of this thread are paused")
     lib.ASYNC_cleanup_thread()
     if not lib.ASYNC_init_thread(max_jobs, init_jobs):
         raise TLSError("ASYNC_init_thread failed")
-
-
-def _free_at_exit() -> None:  # pragma: no cover - interpreter exit
-    with _lock:
-        _counters["leaked"] += sum(len(v) for v in _parked.values())
-
-
-import atexit  # noqa: E402
-
-atexit.register(_free_at_exit)
 
 
 _thread_buffers = threading.local()
@@ -285,23 +235,12 @@ class _Freed:
     """Stands in for the C connection after free(): any use is a clear error."""
 
     def __getattr__(self, name: str) -> Any:
-        raise TLSError("the TLS connection was freed")
+        raise ConnectionFreedError("the TLS connection was freed")
 
 
 _FREED: Any = _Freed()
-
-
-def _bound(self: TLSConnection) -> int:
-    """Return the owning thread id, binding it on first use."""
-    me = threading.get_ident()
-    h = self._h
-    if h.owner is None:
-        h.owner = me
-    elif h.owner != me:
-        raise WrongThreadError(
-            "this TLS connection belongs to another thread (async jobs resume only "
-            "on the thread that started them)")
-    return me
+_NO_INPUT = b""
+_thread = parking.local  # the hot path reads its ``serial`` directly
 
 
 class TLSConnection:
@@ -330,6 +269,8 @@ class TLSConnection:
             raise ValueError("server_hostname can only be given on the client side")
         if not server_side and context.check_hostname and not server_hostname:
             raise ValueError("check_hostname requires server_hostname")
+        if server_hostname is not None:
+            check_hostname_text(server_hostname)
         self.context = context
         self.server_side = server_side
         self.server_hostname = server_hostname
@@ -341,8 +282,7 @@ class TLSConnection:
             raise error_from_queue("could not create the TLS connection")
         self._c = conn
         self._h = _Handle(conn, [context, context._handle])
-        with _lock:
-            _counters["created"] += 1
+        parking.count("created")
         self._outgoing: list[bytes] = []
         self._async_status = AsyncStatus.UNSUPPORTED
         self._engine_failed = False
@@ -382,31 +322,70 @@ class TLSConnection:
     def free(self) -> None:
         """Release the SSL object now (parked instead while a job is paused).
 
-        Afterwards every method raises TLSError; dropping the last reference
-        does the same implicitly.
+        Afterwards every method raises :class:`ConnectionFreedError`; dropping
+        the last reference frees it too.  Idempotent.  Raises
+        :class:`WrongThreadError` on a thread that does not own the connection
+        (its owner may be inside OpenSSL with it right now).
         """
+        if self._c is _FREED:
+            return
+        self._owned()
         self._h.release()
         self._c = _FREED
 
     def __del__(self) -> None:
+        # any thread: the last reference is gone, so no thread is inside
+        # OpenSSL with this connection (a step holds a reference)
         h = getattr(self, "_h", None)
         if h is not None:
             h.release()
 
+    def _owned(self) -> Any:
+        """The C connection, for its owner thread only (binding it on first use).
+
+        Raises :class:`ConnectionFreedError` after :meth:`free` and
+        :class:`WrongThreadError` on any other thread than the owner.
+        """
+        c = self._c
+        if c is _FREED:
+            raise ConnectionFreedError("the TLS connection was freed")
+        try:
+            me = _thread.serial
+        except AttributeError:
+            me = current_thread_serial()
+        if self._h.owner != me:
+            self._claim(me)
+        return c
+
+    def _claim(self, me: int) -> None:
+        h = self._h
+        if h.owner is None:
+            h.owner = me
+            return
+        gone = "" if parking.thread_alive(h.owner) else " (which has exited)"
+        raise WrongThreadError(
+            f"this TLS connection belongs to another thread{gone}: async jobs resume only "
+            "on the thread that started them, and OpenSSL objects are not shared between "
+            "threads")
+
     def attach_notifier(self, notifier: Any) -> None:
         """Post this connection's wake-ups to ``notifier`` (a :class:`Notifier`)."""
+        c = self._owned()
         self._notifier = notifier
         self._h.keepalive.append(notifier)
-        lib.asx_conn_set_notifier(self._c, notifier.ptr)
+        lib.asx_conn_set_notifier(c, notifier.ptr)
 
     # -- the step -------------------------------------------------------------
     def _step(self, op: int, incoming: Any, arg: int) -> Status:
         """One asx_step call: feed, run ``op``, classify, drain (the hot path)."""
         c = self._c
         h = self._h
-        me = threading.get_ident()
+        try:
+            me = _thread.serial
+        except AttributeError:
+            me = current_thread_serial()
         if h.owner != me:
-            _bound(self)
+            c = self._owned()
         pending = c.pending_op
         if pending and pending != op:
             raise OperationInProgressError(
@@ -414,11 +393,11 @@ class TLSConnection:
                 "async job is paused; retry that operation first")
         r = h.result
         out = _out_buffer()
-        if incoming:
-            _asx_step(c, op, ffi.from_buffer(incoming), len(incoming), arg, out,
-                      OUT_BUFFER_SIZE, r)
-        else:
+        if incoming is _NO_INPUT:
             _asx_step(c, op, _NULL, 0, arg, out, OUT_BUFFER_SIZE, r)
+        else:
+            cbuf = ffi.from_buffer(incoming)   # its len() is the size in bytes
+            _asx_step(c, op, cbuf, len(cbuf), arg, out, OUT_BUFFER_SIZE, r)
         if r.out_len:
             self._outgoing.append(ffi.buffer(out, r.out_len)[:])
             while r.out_pending:
@@ -430,11 +409,9 @@ class TLSConnection:
             if r.async_status == _ASYNC_ERR:
                 self._engine_failed = True
             if not pending:
-                with _lock:
-                    _paused.setdefault(me, set()).add(h)
+                parking.mark_paused(me, h)
         elif pending:
-            with _lock:
-                _paused.get(me, set()).discard(h)
+            parking.mark_resumed(me, h)
         if status >= _FAILED and status != _WANT_WRITE:
             self._raise_error(op, status)
         return _STATUS[status]
@@ -453,7 +430,7 @@ class TLSConnection:
                               library="SSL", reason="UNEXPECTED_EOF_WHILE_READING")
         if is_ssl and reason == lib.SSL_R_CERTIFICATE_VERIFY_FAILED:
             errors = drain_queue()
-            code = int(lib.SSL_get_verify_result(self._c.ssl))
+            code = int(lib.SSL_get_verify_result(self._owned().ssl))
             vmsg = ffi.string(lib.X509_verify_cert_error_string(code)).decode()
             # like the stdlib: name what the certificate did not match
             if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
@@ -483,7 +460,7 @@ class TLSConnection:
             lib.asx_conn_use_buffers(c, rbuf, READ_BUFFER_SIZE, wbuf, WRITE_BUFFER_SIZE)
 
     # -- operations -----------------------------------------------------------
-    def do_handshake(self, incoming: Any = b"") -> Status:
+    def do_handshake(self, incoming: Any = _NO_INPUT) -> Status:
         """Run (or continue) the handshake.  Raises TLSError subclasses on failure."""
         st = self._step(lib.ASX_OP_HANDSHAKE, incoming, 0)
         if st is Status.DONE and not self._handshake_done:
@@ -493,46 +470,56 @@ class TLSConnection:
                 lib.asx_conn_set_async(self._c, 0)
         return st
 
-    def read(self, max_bytes: int = READ_BUFFER_SIZE, incoming: Any = b"") -> tuple[Status, bytes]:
+    def read(self, max_bytes: int = READ_BUFFER_SIZE,
+             incoming: Any = _NO_INPUT) -> tuple[Status, bytes]:
         """Decrypt up to ``max_bytes``: ``(DONE, data)``, ``(CLOSED, b"")``, or a want.
 
-        Raises :class:`TLSEOFError` on a transport EOF without close_notify.
+        ``read(0)`` is ``(DONE, b"")`` without touching OpenSSL, as the
+        stdlib's ``SSLObject.read(0)``.  Raises ``ValueError`` for a negative
+        size and :class:`TLSEOFError` on a transport EOF without close_notify.
         """
+        if max_bytes <= 0:
+            if max_bytes < 0:
+                raise ValueError("size should not be negative")
+            if incoming is not _NO_INPUT:
+                self.receive_bytes(incoming)
+            return Status.DONE, b""
         c = self._c
         if not c.pending_op and not self._pinned and (c.async_mode or c.read_buf == _NULL):
-            _bound(self)
+            self._owned()
             self._buffers_for_new_call()
-        st = self._step(_OP_READ, incoming, max_bytes if max_bytes > 0 else 1)
+        st = self._step(_OP_READ, incoming, max_bytes)
         if st is Status.DONE:
             return st, ffi.buffer(c.read_buf, self._h.result.result)[:]
         return st, b""
 
-    def write(self, data: Any, incoming: Any = b"") -> tuple[Status, int]:
+    def write(self, data: Any, incoming: Any = _NO_INPUT) -> tuple[Status, int]:
         """Encrypt a prefix of ``data`` (at most the pinned buffer's size).
 
+        ``data`` is any C-contiguous buffer; its bytes are what is sent.
         Returns ``(DONE, n)`` with the bytes consumed, or ``(want, 0)``.  After
         ``WANT_ASYNC`` call again with the same data: the paused job keeps the
         first call's buffer, and other data raises OperationInProgressError.
         """
-        c = self._c
-        _bound(self)  # before touching the pinned buffer: the owner may be inside SSL_write
+        c = self._owned()  # before touching the pinned buffer: the owner may be inside SSL_write
+        view = memoryview(data).cast("B")   # TypeError for non-contiguous buffers
         if c.pending_op == lib.ASX_OP_WRITE:
             n = c.write_len
-            if bytes(memoryview(data)[:n]) != ffi.buffer(c.write_buf, n)[:]:
+            if bytes(view[:n]) != ffi.buffer(c.write_buf, n)[:]:
                 raise OperationInProgressError(
                     "write retried with different data while its async job is paused")
         elif c.pending_op == lib.ASX_OP_NONE:
             if not self._pinned and (c.async_mode or c.write_buf == _NULL):
                 self._buffers_for_new_call()
-            n = min(len(data), c.write_cap)
+            n = min(view.nbytes, c.write_cap)
             if n == 0:
                 return Status.DONE, 0
-            ffi.memmove(c.write_buf, memoryview(data)[:n], n)
+            ffi.memmove(c.write_buf, view[:n], n)
             c.write_len = n
         st = self._step(lib.ASX_OP_WRITE, incoming, 0)
         return st, (int(self._h.result.result) if st is Status.DONE else 0)
 
-    def shutdown(self, incoming: Any = b"") -> Status:
+    def shutdown(self, incoming: Any = _NO_INPUT) -> Status:
         """Send close_notify (DONE once sent; see :attr:`close_notify_received`)."""
         if not self._handshake_done:
             raise TLSError("shutdown while in init: the handshake has not completed",
@@ -554,23 +541,22 @@ class TLSConnection:
 
     # -- bytes in and out -----------------------------------------------------
     def receive_bytes(self, data: Any) -> None:
-        """Feed ciphertext from the transport."""
-        if data:
-            _bound(self)
-            lib.asx_step(self._c, 0, ffi.from_buffer(data), len(data), 0, ffi.NULL, 0,
-                         self._h.result)
+        """Feed ciphertext from the transport (any C-contiguous buffer)."""
+        c = self._owned()
+        cbuf = ffi.from_buffer(data)   # its len() is the size in bytes
+        if len(cbuf):
+            lib.asx_step(c, 0, cbuf, len(cbuf), 0, ffi.NULL, 0, self._h.result)
 
     def receive_eof(self) -> None:
         """The transport ended: once the read BIO is empty, reads see EOF."""
-        _bound(self)
-        lib.asx_conn_set_eof(self._c)
+        lib.asx_conn_set_eof(self._owned())
 
     def bytes_to_send(self) -> bytes:
         """Everything OpenSSL wrote since the last call (ciphertext for the transport)."""
-        _bound(self)
+        c = self._owned()
         r = self._h.result
         out = _out_buffer()
-        lib.asx_step(self._c, 0, ffi.NULL, 0, 0, out, OUT_BUFFER_SIZE, r)
+        lib.asx_step(c, 0, ffi.NULL, 0, 0, out, OUT_BUFFER_SIZE, r)
         if r.out_len:
             self._outgoing.append(ffi.buffer(out, r.out_len)[:])
         out = self._outgoing
@@ -592,11 +578,11 @@ class TLSConnection:
 
     def take_unread_input(self) -> bytes:
         """Ciphertext received but not consumed by OpenSSL (after unwrap: trailing data)."""
-        _bound(self)
+        c = self._owned()
         chunks: list[bytes] = []
         while True:
             out = _out_buffer()
-            n = lib.asx_conn_take_input(self._c, out, OUT_BUFFER_SIZE)
+            n = lib.asx_conn_take_input(c, out, OUT_BUFFER_SIZE)
             if n == 0:
                 return b"".join(chunks)
             chunks.append(ffi.buffer(out, n)[:])
@@ -624,7 +610,7 @@ class TLSConnection:
 
     def changed_async_fds(self) -> tuple[list[int], list[int]]:
         """Engine wait fds added and removed since the last pause (never read or close them)."""
-        ssl_ = self._c.ssl
+        ssl_ = self._owned().ssl
         na = ffi.new("size_t *")
         nd = ffi.new("size_t *")
         if not lib.SSL_get_changed_async_fds(ssl_, ffi.NULL, na, ffi.NULL, nd):
@@ -635,7 +621,7 @@ class TLSConnection:
         return [add[i] for i in range(na[0])], [dele[i] for i in range(nd[0])]
 
     def all_async_fds(self) -> list[int]:
-        ssl_ = self._c.ssl
+        ssl_ = self._owned().ssl
         n = ffi.new("size_t *")
         if not lib.SSL_get_all_async_fds(ssl_, ffi.NULL, n) or n[0] == 0:
             return []
@@ -662,19 +648,19 @@ class TLSConnection:
 
     @property
     def close_notify_received(self) -> bool:
-        return bool(lib.SSL_get_shutdown(self._c.ssl) & 2)  # SSL_RECEIVED_SHUTDOWN
+        return bool(lib.SSL_get_shutdown(self._owned().ssl) & 2)  # SSL_RECEIVED_SHUTDOWN
 
     @property
     def close_notify_sent(self) -> bool:
-        return bool(lib.SSL_get_shutdown(self._c.ssl) & 1)  # SSL_SENT_SHUTDOWN
+        return bool(lib.SSL_get_shutdown(self._owned().ssl) & 1)  # SSL_SENT_SHUTDOWN
 
     def version(self) -> str | None:
         if not self._handshake_done:
             return None
-        return str(ffi.string(lib.SSL_get_version(self._c.ssl)).decode())
+        return str(ffi.string(lib.SSL_get_version(self._owned().ssl)).decode())
 
     def cipher(self) -> tuple[str, str, int] | None:
-        c = lib.SSL_get_current_cipher(self._c.ssl)
+        c = lib.SSL_get_current_cipher(self._owned().ssl)
         if c == ffi.NULL:
             return None
         return (ffi.string(lib.SSL_CIPHER_get_name(c)).decode(),
@@ -684,7 +670,7 @@ class TLSConnection:
     def shared_ciphers(self) -> list[tuple[str, str, int]] | None:
         """Ciphers both sides offered (server side, after the handshake)."""
         out = ffi.new("const SSL_CIPHER *[]", 256)
-        n = lib.asx_shared_ciphers(self._c.ssl, out, 256)
+        n = lib.asx_shared_ciphers(self._owned().ssl, out, 256)
         if n < 0 or not self.server_side:
             return None
         return [(ffi.string(lib.SSL_CIPHER_get_name(out[i])).decode(),
@@ -694,7 +680,7 @@ class TLSConnection:
     def selected_alpn_protocol(self) -> str | None:
         data = ffi.new("const unsigned char **")
         n = ffi.new("unsigned int *")
-        lib.SSL_get0_alpn_selected(self._c.ssl, data, n)
+        lib.SSL_get0_alpn_selected(self._owned().ssl, data, n)
         if n[0] == 0:
             return None
         return bytes(ffi.buffer(data[0], n[0])).decode("ascii", "replace")
@@ -703,13 +689,13 @@ class TLSConnection:
         """The peer's certificate: DER bytes, or the stdlib's dict (``{}`` if unverified)."""
         if not self._handshake_done:
             raise ValueError("handshake not done yet")
-        x = lib.SSL_get1_peer_certificate(self._c.ssl)
+        x = lib.SSL_get1_peer_certificate(self._owned().ssl)
         if x == ffi.NULL:
             return None
         try:
             if binary_form:
                 return _der(x)
-            if not (lib.SSL_CTX_get_verify_mode(lib.SSL_get_SSL_CTX(self._c.ssl))
+            if not (lib.SSL_CTX_get_verify_mode(lib.SSL_get_SSL_CTX(self._owned().ssl))
                     & lib.SSL_VERIFY_PEER):
                 return {}
             return _decode_cert(x)
@@ -720,7 +706,7 @@ class TLSConnection:
         if cb_type != "tls-unique":
             raise ValueError(f"{cb_type!r} channel binding type not implemented")
         buf = ffi.new("unsigned char[]", 128)
-        ssl_ = self._c.ssl
+        ssl_ = self._owned().ssl
         if bool(lib.SSL_session_reused(ssl_)) ^ (not self.server_side):
             n = lib.SSL_get_finished(ssl_, buf, 128)
         else:
@@ -729,17 +715,21 @@ class TLSConnection:
 
     @property
     def session_reused(self) -> bool:
-        return bool(lib.SSL_session_reused(self._c.ssl))
+        return bool(lib.SSL_session_reused(self._owned().ssl))
 
     @property
     def session(self) -> TLSSession | None:
         """The current session, to pass as ``session=`` to a later connection."""
-        s = lib.SSL_get1_session(self._c.ssl)
+        s = lib.SSL_get1_session(self._owned().ssl)
         return TLSSession(s) if s != ffi.NULL else None
 
     def __repr__(self) -> str:
         side = "server" if self.server_side else "client"
-        return f"<TLSConnection #{self.id} {side} {self.version() or 'handshaking'}>"
+        try:
+            state = self.version() or "handshaking"
+        except TLSError as exc:   # freed, or asked on another thread
+            state = type(exc).__name__
+        return f"<TLSConnection #{self.id} {side} {state}>"
 
 
 # -- certificate decoding (the stdlib's getpeercert() dict) ---------------------

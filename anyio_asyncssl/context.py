@@ -518,6 +518,7 @@ class TLSContext:
         certificate.  The choice is made by a C callback from a table built
         here.
         """
+        check_hostname_text(hostname)
         name = _idna_name(hostname.lower().rstrip("."))
         path, pkey = self._prepare_key(certfile, keyfile, password)
 
@@ -584,6 +585,18 @@ class TLSContext:
             self.protocol, "any")
         return (f"<TLSContext {side} offload={self._offload is not None} "
                 f"async_mode={self.async_mode!r}>")
+
+
+def check_hostname_text(hostname: str) -> None:
+    """Refuse a host name OpenSSL would cut short: a NUL ends a C string.
+
+    ``"localhost\\x00.attacker.example"`` would otherwise be verified and sent
+    (SNI) as ``localhost``.  Raises TypeError, as the stdlib's ``wrap_bio``.
+    """
+    if not isinstance(hostname, str):
+        raise TypeError(f"server_hostname must be str, not {type(hostname).__name__}")
+    if "\0" in hostname:
+        raise TypeError("server_hostname must not contain NUL characters")
 
 
 def _idna_name(hostname: str) -> str:

@@ -13,7 +13,9 @@ Every public operation of both faces (anyio and trio) goes through
   cancel a job and the next SSL call on this connection would resume it
   whatever it is (DESIGN rules 1 and 4).  How to wait depends on
   ``SSL_get_async_status`` (rule 7): OK -> the C callback's wake-up through
-  the loop's notifier; EAGAIN -> retry after a short, growing sleep; ERR ->
+  the loop's notifier, for at most a bound that grows from 1 to 5 s (a
+  lost wake-up costs a late retry, never a hang); EAGAIN -> retry after a short,
+  growing sleep; ERR ->
   retry at once so the job can finish (it fails, AsyncEngineError);
   UNSUPPORTED -> wait on the engine's fds.  Wake-ups are level-style: the
   connection's wake-up counter is read before each step, so one that came
@@ -44,14 +46,16 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from .connection import AsyncStatus, Operation, Status, TLSConnection
+from .dispatch import LoopDispatcher, current_dispatcher
 from .errors import AsyncEngineError, TLSError
-from .notifier import LoopDispatcher, current_dispatcher
 
 __all__ = ["Driver"]
 
 _EAGAIN_FIRST = 0.0002
 _EAGAIN_MAX = 0.02
 _JOB_WAIT_MAX = 0.05
+_WAKE_FIRST = 1.0
+_WAKE_MAX = 5.0
 _ERR_RETRIES = 100
 _ALERT_TIMEOUT = 1.0
 
@@ -144,6 +148,7 @@ class Driver:
         self._pause_end = pause_end = anyio.Event()
         status = Status.WANT_ASYNC
         eagain_delay = _EAGAIN_FIRST
+        wake_bound = _WAKE_FIRST
         err_retries = 0
         deferred: BaseException | None = None
         cancelled_exc = anyio.get_cancelled_exc_class()
@@ -153,7 +158,8 @@ class Driver:
                     st = self.conn.async_status
                     try:
                         if st is AsyncStatus.OK:
-                            await self._wait_callback(before)
+                            await self._wait_callback(before, wake_bound)
+                            wake_bound = min(wake_bound * 2, _WAKE_MAX)
                         elif st is AsyncStatus.EAGAIN:
                             await anyio.sleep(eagain_delay)
                             eagain_delay = min(eagain_delay * 2, _EAGAIN_MAX)
@@ -181,10 +187,10 @@ class Driver:
             raise deferred
         return status
 
-    async def _wait_callback(self, before: int) -> None:
+    async def _wait_callback(self, before: int, timeout: float) -> None:
         conn = self.conn
         d = self._dispatcher or self._bind()
-        await d.wait(conn.id, lambda: conn.wakeups != before)
+        await d.wait(conn.id, lambda: conn.wakeups != before, timeout)
 
     async def _wait_fds(self) -> None:
         added, removed = self.conn.changed_async_fds()

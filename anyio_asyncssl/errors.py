@@ -15,6 +15,7 @@ from ._ffi import ffi, lib
 __all__ = [
     "AsyncEngineError",
     "CertificateVerifyError",
+    "ConnectionFreedError",
     "OperationInProgressError",
     "TLSEOFError",
     "TLSError",
@@ -77,7 +78,11 @@ class OperationInProgressError(TLSError):
 
 
 class WrongThreadError(TLSError):
-    """The connection belongs to another OS thread (DESIGN rule 3)."""
+    """The connection belongs to another OS thread (rule 3: jobs resume on their thread)."""
+
+
+class ConnectionFreedError(TLSError):
+    """The TLS connection was freed (``TLSConnection.free()``); it cannot be used any more."""
 
 
 # OpenSSL library codes (err.h) by the names the stdlib ssl module uses

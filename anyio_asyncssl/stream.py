@@ -31,7 +31,7 @@ from anyio.abc import AnyByteStream, ByteStream, Listener, TaskGroup
 from anyio.streams.tls import TLSAttribute
 
 from .connection import TLSConnection, TLSSession
-from .context import TLSContext, create_default_context
+from .context import TLSContext, check_hostname_text, create_default_context
 from .driver import Driver
 from .errors import TLSEOFError, TLSError
 from .offload import Offload
@@ -170,15 +170,13 @@ class AsyncTLSStream(ByteStream):
             self._sending = False
 
     async def send_eof(self) -> None:
-        """Send close_notify and keep receiving (TLS 1.3 half-close).
+        """Send close_notify and keep receiving until the peer's close_notify.
 
-        Raises NotImplementedError on TLS 1.2, whose close_notify also ends
-        the peer's direction.
+        TLS 1.3 makes this a real half-close: the peer may go on sending.  TLS
+        1.2 (RFC 5246 7.2.1) expects the peer to answer with its own
+        close_notify at once, but OpenSSL still reads whatever the peer sends
+        before it, so :meth:`receive` works on either version until then.
         """
-        version = self._conn.version() or ""
-        if version != "TLSv1.3":
-            raise NotImplementedError(
-                f"send_eof() requires TLSv1.3; this session uses {version or 'no TLS yet'}")
         if self._sending:
             raise BusyResourceError("writing to")
         self._sending = True
@@ -257,7 +255,12 @@ class AsyncTLSListener(Listener[AsyncTLSStream]):
 
     @staticmethod
     async def handle_handshake_error(exc: BaseException, stream: AnyByteStream) -> None:
-        """Close the stream; log the error unless it is a cancellation; re-raise base ones."""
+        """Close the stream; log the error unless it is a cancellation; re-raise base ones.
+
+        ``stream`` (the transport) is still open when this is called, so an
+        override can read its attributes (the peer's address); the listener
+        closes it afterwards whatever the override does.
+        """
         await aclose_forcefully(stream)
         if not isinstance(exc, get_cancelled_exc_class()):
             logging.getLogger(__name__).exception("Error during TLS handshake", exc_info=exc)
@@ -277,7 +280,10 @@ class AsyncTLSListener(Listener[AsyncTLSStream]):
                         stream, context=self.context, server_side=True,
                         standard_compatible=self.standard_compatible)
             except BaseException as exc:
-                await self.handle_handshake_error(exc, stream)
+                try:
+                    await self.handle_handshake_error(exc, stream)
+                finally:
+                    await aclose_forcefully(stream)
             else:
                 await handler(wrapped)
 
@@ -306,6 +312,7 @@ async def connect_tcp(
 
     ``hostname`` (default: ``remote_host``) is verified and sent as SNI.
     """
+    check_hostname_text(hostname or remote_host)   # before any I/O
     stream = await anyio.connect_tcp(remote_host, remote_port, local_host=local_host,
                                      happy_eyeballs_delay=happy_eyeballs_delay)
     try:

@@ -24,9 +24,8 @@ mode.  Behaviour follows trio's ``_ssl.py`` (read it: it is the reference):
   ``cipher``, ``version``, ``selected_alpn_protocol``, ...); those that only
   make sense after the handshake raise :exc:`trio.NeedHandshakeError` before.
 
-Beyond trio: :meth:`TrioTLSStream.send_eof` is a TLS 1.3 half-close (send
-close_notify and keep receiving; ``NotImplementedError`` on TLS 1.2, whose
-close_notify ends both directions).
+Beyond trio: :meth:`TrioTLSStream.send_eof` is a half-close: send
+close_notify and keep receiving until the peer's close_notify.
 
 The TLS work is done by :class:`~anyio_asyncssl.driver.Driver`, the same
 retry loop as the anyio face: it waits for the offload engine inside shielded
@@ -47,7 +46,7 @@ import trio
 from trio.abc import HalfCloseableStream, Listener, Stream
 
 from .connection import AsyncStatus, TLSConnection, TLSSession
-from .context import TLSContext, create_default_context
+from .context import TLSContext, check_hostname_text, create_default_context
 from .driver import Driver
 
 __all__ = [
@@ -349,12 +348,14 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
                     raise self._translate(exc) from exc
 
     async def send_eof(self) -> None:
-        """Send close_notify and keep receiving (a TLS 1.3 half-close).
+        """Send close_notify and keep receiving until the peer's close_notify.
 
-        The peer's ``receive_some`` then returns ``b""`` while it can still
-        send to us.  Idempotent; ``send_all`` afterwards raises
-        ``ClosedResourceError``.  Raises ``NotImplementedError`` if the session
-        is not TLS 1.3 (in TLS 1.2 close_notify closes both directions).
+        The peer's ``receive_some`` then returns ``b""``.  TLS 1.3 makes this a
+        real half-close: the peer may go on sending.  TLS 1.2 (RFC 5246 7.2.1)
+        expects the peer to answer with its own close_notify at once, but
+        OpenSSL still reads whatever the peer sends before it, so ``receive_some``
+        works on either version until the peer's close_notify arrives.
+        Idempotent; ``send_all`` afterwards raises ``ClosedResourceError``.
         """
         with self._send_conflict:
             self._check_status()
@@ -362,10 +363,6 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
                 await trio.lowlevel.checkpoint()
                 return
             await self._ensure_handshake()
-            version = self._conn.version()
-            if version != "TLSv1.3":
-                raise NotImplementedError(
-                    f"send_eof() needs TLS 1.3; this session uses {version}")
             self._eof_sent = True
             await self._drive(self._driver.send_close_notify)
 
@@ -560,6 +557,7 @@ async def open_tls_over_tcp_stream(
     CA store, host-name checks) is used.  No handshake yet: it happens on the
     first send or receive, or :meth:`TrioTLSStream.do_handshake`.
     """
+    check_hostname_text(host.decode("ascii") if isinstance(host, bytes) else host)
     tcp_stream = await trio.open_tcp_stream(host, port, happy_eyeballs_delay=happy_eyeballs_delay)
     if context is None:
         context = create_default_context()

@@ -1344,14 +1344,25 @@ async def test_send_eof_twice_is_harmless(pki: Pki) -> None:
                 await server.receive()
 
 
-async def test_send_eof_tls12_not_implemented(pki: Pki) -> None:
+async def test_send_eof_tls12_sends_close_notify_and_keeps_receiving(pki: Pki) -> None:
     with anyio.fail_after(TIMEOUT):
         async with connected(pki, version=V12) as (client, server):
-            with pytest.raises(NotImplementedError, match=r"TLSv1\.3"):
-                await client.send_eof()
-            with pytest.raises(NotImplementedError, match=r"TLSv1\.3"):
-                await server.send_eof()
-            await echo_once(client, server, b"unaffected")
+            assert client.extra(TLSAttribute.tls_version) == "TLSv1.2"
+            await client.send(b"request")
+            await client.send_eof()
+            with pytest.raises(ClosedResourceError):
+                await client.send(b"after eof")
+            assert await receive_exactly(server, 7) == b"request"
+            with pytest.raises(EndOfStream):
+                await server.receive()
+            # what the peer sends before its own close_notify still arrives
+            await server.send(b"response")
+            assert await receive_exactly(client, 8) == b"response"
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.aclose)
+                with pytest.raises(EndOfStream):
+                    await client.receive()
+                await client.aclose()
 
 
 @pytest.mark.parametrize("version", [V12, V13], ids=["tls12", "tls13"])

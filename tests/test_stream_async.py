@@ -28,7 +28,7 @@ from anyio.abc import UNIXSocketStream
 from conftest import Pki
 
 import anyio_asyncssl as A
-from anyio_asyncssl.notifier import current_dispatcher
+from anyio_asyncssl.dispatch import current_dispatcher
 from anyio_asyncssl.stream import AsyncTLSAttribute, AsyncTLSStream
 from anyio_asyncssl.testing import TestEngine, cipher_counters
 

@@ -650,20 +650,69 @@ def test_send_eof_is_a_tls13_half_close(pki: Pki, offload: A.Offload) -> None:
     run(main)
 
 
-def test_send_eof_on_tls12_is_not_implemented(pki: Pki) -> None:
+def test_send_eof_on_tls12_sends_close_notify_and_keeps_receiving(pki: Pki) -> None:
+    """hypercorn's Connection: close path calls send_eof on TLS 1.2 too: never a crash."""
     sctx, cctx = tls12(pki.server_ctx("ec")), pki.client_ctx()
 
     async def main() -> None:
         client, server = memory_pair(cctx, sctx)
         await handshake_both(client, server)
         assert client.version() == "TLSv1.2"
-        with pytest.raises(NotImplementedError):
-            await client.send_eof()
-        await client.send_all(b"still open")  # nothing was sent or broken
-        assert await recv_exactly(server, 10) == b"still open"
-        await client.aclose()
+        await client.send_all(b"request")
+        await client.send_eof()
+        await client.send_eof()  # idempotent
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"more")
+        assert await recv_exactly(server, 7) == b"request"
         assert await server.receive_some() == b""
+        # what the peer sends before its own close_notify still arrives
+        await server.send_all(b"response")
         await server.aclose()
+        assert await recv_exactly(client, 8) == b"response"
+        assert await client.receive_some() == b""
+        await client.aclose()
+
+    run(main)
+
+
+def test_send_eof_on_tls12_against_the_stdlib(pki: Pki) -> None:
+    """The stdlib peer sees our close_notify as EOF and may answer before its own."""
+    import threading
+
+    sctx = tls12(pki.server_ctx("ec"))
+    stdlib_ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    seen: list[bytes] = []
+
+    def stdlib_client(port: int) -> None:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                stdlib_ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET")
+            data = b""
+            while chunk := tls.recv(100):   # b"" at our close_notify
+                data += chunk
+            seen.append(data)
+            tls.sendall(b"bye")
+            tls.unwrap()
+
+    async def main() -> None:
+        listeners = await open_tls_over_tcp_listeners(0, sctx, host="127.0.0.1")
+        port = port_of(listeners[0])
+        t = threading.Thread(target=stdlib_client, args=(port,))
+        t.start()
+        try:
+            server = await listeners[0].accept()
+            assert await recv_exactly(server, 3) == b"GET"
+            await server.send_all(b"response")
+            await server.send_eof()
+            assert await recv_exactly(server, 3) == b"bye"
+            assert await server.receive_some() == b""
+            await server.aclose()
+        finally:
+            await listeners[0].aclose()
+            await trio.to_thread.run_sync(t.join)
+        assert seen == [b"response"]
 
     run(main)
 
