@@ -81,6 +81,7 @@ NO_APPLICATION_PROTOCOL = 120
 UNKNOWN_GROUP = 0x2A2A
 X25519 = 0x001D
 SECP256R1 = 0x0017
+SECP384R1 = 0x0018
 
 MAX_PLAINTEXT = 2**14  # RFC 8446 5.1
 
@@ -236,9 +237,14 @@ def serving(ctx: A.TLSContext, connections: int = 1,
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "offload"])
-def server_ctx(request: pytest.FixtureRequest, pki: Pki, offload: A.Offload) -> A.TLSContext:
+def offload_on(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.fixture
+def server_ctx(pki: Pki, offload: A.Offload, offload_on: bool) -> A.TLSContext:
     """Our server's context, without and with offload (async jobs in the handshake)."""
-    return pki.server_ctx("rsa", offload=offload if request.param else None)
+    return pki.server_ctx("rsa", offload=offload if offload_on else None)
 
 
 def assert_our_error(served: Served) -> A.TLSError:
@@ -296,6 +302,7 @@ class Client(TLSLiteConnection):  # type: ignore[misc]
         self.hello_hook = hello_hook
         self.ccs_hook = ccs_hook
         self.hellos_sent = 0
+        self.session_ids: list[bytes] = []  # legacy_session_id of each ClientHello sent
         self.before_finished: list[Any] = []
         self.messages: list[Any] = []
         self.key_updates: list[int] = []
@@ -306,6 +313,7 @@ class Client(TLSLiteConnection):  # type: ignore[misc]
             if self.hello_hook is not None:
                 self.hello_hook(msg, self.hellos_sent)
             self.hellos_sent += 1
+            self.session_ids.append(bytes(msg.session_id))
         elif isinstance(msg, ChangeCipherSpec) and self.ccs_hook is not None:
             self.ccs_hook(msg)
         elif isinstance(msg, Finished):
@@ -376,15 +384,36 @@ def server_alert(client: Client) -> int | None:
     raise TimeoutError("the server neither answered nor closed")
 
 
-def echo(client: Client, data: bytes) -> bytes:
-    """Send ``data``, read the server's echo of all of it."""
-    client.write(data)
+def server_alert_or_echo(client: Client, data: bytes) -> bytes | int | None:
+    """The echo of ``data``, or the alert (description) the server ended the connection with."""
+    try:
+        client.write(data)
+        got = b""
+        while len(got) < len(data):
+            chunk = client.read()
+            if not chunk:
+                return CLOSE_NOTIFY
+            got += chunk
+        return got
+    except TLSRemoteAlert as alert:
+        return int(alert.description)
+    except (TLSAbruptCloseError, OSError):
+        return None
+
+
+def read_exactly(client: Client, n: int) -> bytes:
     got = b""
-    while len(got) < len(data):
-        chunk = client.read()
+    while len(got) < n:
+        chunk = client.read(n - len(got))
         assert chunk, "the connection closed before the echo"
         got += chunk
     return got
+
+
+def echo(client: Client, data: bytes) -> bytes:
+    """Send ``data``, read as many bytes back (the server echoes)."""
+    client.write(data)
+    return read_exactly(client, len(data))
 
 
 def send_protected(client: Client, inner_type: int, content: bytes, padding: int = 0) -> None:
@@ -456,7 +485,7 @@ def test_server_sends_ccs_right_after_server_hello(server_ctx: A.TLSContext) -> 
         assert server.result().error is None
     hello = records(client.wire.sent)[0]
     assert hello[0] == HANDSHAKE and hello[1][0] == CLIENT_HELLO
-    session_id = client.messages[0].session_id
+    [session_id] = client.session_ids
     got = records(client.wire.received)
     assert got[0][0] == HANDSHAKE
     server_hello = parse_server_hello(got[0][1])
@@ -493,23 +522,7 @@ def test_server_drops_two_dummy_ccs_records(server_ctx: A.TLSContext) -> None:
         served = server.result()
     assert result == b"two CCS", (result, served.error)
     assert served.error is None
-
-
-def server_alert_or_echo(client: Client, data: bytes) -> bytes | int | None:
-    """The echo of ``data``, or the alert (description) the server ended the connection with."""
-    try:
-        client.write(data)
-        got = b""
-        while len(got) < len(data):
-            chunk = client.read()
-            if not chunk:
-                return CLOSE_NOTIFY
-            got += chunk
-        return got
-    except TLSRemoteAlert as alert:
-        return int(alert.description)
-    except (TLSAbruptCloseError, OSError):
-        return None
+    assert records(client.wire.sent).count((CHANGE_CIPHER_SPEC, b"\x01")) == 2
 
 
 @pytest.mark.xfail(
@@ -595,11 +608,9 @@ def selected_group(hello: ServerHello) -> int:
 def test_empty_key_share_gets_a_hello_retry_request(server_ctx: A.TLSContext) -> None:
     """2.1/4.1.4: no usable share -> HRR naming an offered group; the retry completes."""
     offered: list[list[int]] = []
-    session_ids: list[bytes] = []
 
     def note(hello: ClientHello, n: int) -> None:
         offered.append(list(hello.getExtension(ExtensionType.supported_groups).groups))
-        session_ids.append(bytes(hello.session_id))
 
     with serving(server_ctx) as server:
         client = open_client(server.port, hello_hook=note)
@@ -615,14 +626,19 @@ def test_empty_key_share_gets_a_hello_retry_request(server_ctx: A.TLSContext) ->
     # the ServerHello uses the group the HRR asked for (4.2.8)
     assert selected_group(server_hello(client)) == group
     # 4.1.4: HRR and ServerHello echo the (unchanged) legacy_session_id
-    assert len(session_ids[0]) == 32 and session_ids[1] == session_ids[0]
-    assert hrr.session_id == server_hello(client).session_id == session_ids[0]
+    first_id, second_id = client.session_ids
+    assert len(first_id) == 32 and second_id == first_id
+    assert hrr.session_id == server_hello(client).session_id == first_id
     # D.4: the dummy CCS follows the server's *first* handshake message, here the HRR
     got = records(client.wire.received)
     assert parse_server_hello(got[0][1]).random == TLS_1_3_HRR
     assert got[1] == (CHANGE_CIPHER_SPEC, b"\x01")
     assert parse_server_hello(got[2][1]).random != TLS_1_3_HRR
     assert [kind for kind, _ in got].count(CHANGE_CIPHER_SPEC) == 1
+    # and the server dropped the client's dummy CCS, sent before its second ClientHello
+    sent = records(client.wire.sent)
+    assert [kind for kind, _ in sent[:3]] == [HANDSHAKE, CHANGE_CIPHER_SPEC, HANDSHAKE]
+    assert sent[2][1][0] == CLIENT_HELLO
 
 
 def test_share_only_for_an_unknown_group_gets_a_hello_retry_request(
@@ -682,9 +698,30 @@ def test_only_unknown_groups_is_handshake_failure(server_ctx: A.TLSContext) -> N
     assert alert in (HANDSHAKE_FAILURE, INSUFFICIENT_SECURITY)
 
 
+def test_share_for_a_less_preferred_group(server_ctx: A.TLSContext) -> None:
+    """4.2.8: a share only for a supported group the server ranks lower (secp384r1): the
+    server may use it or ask for its preferred group with an HRR; either way the ServerHello
+    group is one the client offered, and the one the HRR named if there was one."""
+    with serving(server_ctx) as server:
+        client = open_client(server.port)
+        client.handshakeClientCert(settings=tls13_settings(keyShares=["secp384r1"]),
+                                   serverName="localhost")
+        assert echo(client, b"x") == b"x"
+        client.close()
+        served = server.result()
+    assert served.error is None, served.error
+    group = selected_group(server_hello(client))
+    if client.hellos_sent == 1:
+        assert group == SECP384R1  # the share it had
+    else:
+        assert group == selected_group(hello_retry(client)) in (X25519, SECP256R1, SECP384R1)
+
+
 def test_second_client_hello_without_the_requested_share_is_illegal_parameter(
         server_ctx: A.TLSContext) -> None:
-    """4.1.2/4.2.8: the retried ClientHello must carry one share of the HRR's group."""
+    """4.1.2: after an HRR with key_share the client MUST replace its shares with one for
+    the HRR's group.  A retry still without it is "incorrect or inconsistent with other
+    fields" (6): illegal_parameter, as OpenSSL, tlsfuzzer and the issue expect."""
     def drop_share_again(hello: ClientHello, n: int) -> None:
         if n == 1:
             hello.getExtension(ExtensionType.key_share).client_shares = []
@@ -700,7 +737,7 @@ def test_second_client_hello_without_the_requested_share_is_illegal_parameter(
 
 def test_second_client_hello_with_a_share_of_another_group_is_illegal_parameter(
         server_ctx: A.TLSContext) -> None:
-    """4.2.8: the retried share must be for the group the HRR selected."""
+    """4.1.2/4.2.8: the retried share must be for the group the HRR selected."""
     asked: list[int] = []
 
     def other_group(hello: ClientHello, n: int) -> None:
@@ -820,3 +857,282 @@ def test_server_initiated_key_update(server_ctx: A.TLSContext) -> None:
         client.close()
         served = server.result()
     assert served.error is None, served.error
+
+
+# -- unprotected records after the handshake (RFC 8446 5, 5.2) -------------------------------
+@pytest.mark.parametrize("alert", [bytes([1, CLOSE_NOTIFY]), bytes([2, HANDSHAKE_FAILURE])],
+                         ids=["close_notify", "fatal_handshake_failure"])
+def test_plaintext_alert_after_the_handshake_is_unexpected_message(
+        server_ctx: A.TLSContext, alert: bytes) -> None:
+    """5/5.2: once protected, every record but CCS has outer type application_data; an
+    unprotected alert is an unexpected record type -> unexpected_message, never a close."""
+    with serving(server_ctx) as server:
+        client = connect(server.port)
+        echo(client, b"x")
+        send_raw(client, ALERT, alert)
+        got = server_alert(client)
+        served = server.result()
+    assert_our_error(served)
+    assert not served.close_notify_received
+    assert got == UNEXPECTED_MESSAGE
+
+
+def test_plaintext_application_data_after_the_handshake_is_bad_record_mac(
+        server_ctx: A.TLSContext) -> None:
+    """5.2: a record that does not deprotect -> "MUST terminate ... bad_record_mac"."""
+    with serving(server_ctx) as server:
+        client = connect(server.port)
+        echo(client, b"x")
+        send_raw(client, APPLICATION_DATA, b"plaintext, not protected at all")
+        got = server_alert(client)
+        served = server.result()
+    assert_our_error(served)
+    assert served.received == [b"x"]
+    assert got == BAD_RECORD_MAC
+
+
+# -- zero-length records (RFC 8446 5.1, 5.4) ---------------------------------------------------
+@pytest.mark.parametrize("padding", [0, 100], ids=["bare", "padded"])
+def test_zero_length_application_data_is_allowed(
+        server_ctx: A.TLSContext, padding: int) -> None:
+    """5.4: "Zero-length fragments of Application Data MAY be sent" (also as padding-only
+    cover traffic): the stream goes on, nothing is delivered for them."""
+    with serving(server_ctx) as server:
+        client = connect(server.port)
+        send_protected(client, APPLICATION_DATA, b"", padding)
+        assert echo(client, b"one") == b"one"
+        for _ in range(3):
+            send_protected(client, APPLICATION_DATA, b"", padding)
+        assert echo(client, b"two") == b"two"
+        client.close()
+        served = server.result()
+    assert served.error is None, served.error
+    assert b"".join(served.received) == b"onetwo"
+    assert served.close_notify_received
+
+
+@pytest.mark.parametrize("inner_type", [HANDSHAKE, ALERT], ids=["handshake", "alert"])
+@pytest.mark.parametrize("padding", [0, 100], ids=["bare", "padded"])
+def test_zero_length_handshake_or_alert_record_is_rejected(
+        server_ctx: A.TLSContext, inner_type: int, padding: int) -> None:
+    """5.1: "Implementations MUST NOT send zero-length fragments of Handshake types, even if
+    those fragments contain padding"; 5.4: an Alert record holds exactly one alert."""
+    with serving(server_ctx) as server:
+        client = connect(server.port)
+        echo(client, b"x")
+        send_protected(client, inner_type, b"", padding)
+        got = server_alert(client)
+        served = server.result()
+    assert_our_error(served)
+    assert got in (UNEXPECTED_MESSAGE, DECODE_ERROR)
+
+
+def test_zero_length_plaintext_handshake_record_is_rejected_or_ignored(
+        server_ctx: A.TLSContext) -> None:
+    """5.1 forbids *sending* zero-length Handshake fragments and names no action for the
+    receiver: before protection our server (OpenSSL) drops one and the handshake goes on.
+    Rejecting it would have to be unexpected_message or decode_error."""
+    def empty_first(hello: ClientHello, n: int) -> None:
+        send_raw(client, HANDSHAKE, b"", version=b"\x03\x01")
+
+    with serving(server_ctx) as server:
+        client = open_client(server.port, hello_hook=empty_first)
+        try:
+            client.handshakeClientCert(settings=tls13_settings(), serverName="localhost")
+        except TLSRemoteAlert as alert:
+            outcome: int | bytes = int(alert.description)
+        else:
+            outcome = server_alert_or_echo(client, b"x")  # type: ignore[assignment]
+            close(client)
+        served = server.result()
+    if outcome == b"x":
+        assert served.error is None, served.error
+    else:
+        assert_our_error(served)
+        assert outcome in (UNEXPECTED_MESSAGE, DECODE_ERROR)
+
+
+# -- record size limits (RFC 8446 5.1, 5.2) ----------------------------------------------------
+def test_full_size_protected_record_is_accepted(server_ctx: A.TLSContext) -> None:
+    """5.2: TLSInnerPlaintext up to 2^14 + 1 octets: 2^14 of content plus the type byte."""
+    data = os.urandom(MAX_PLAINTEXT)
+    with serving(server_ctx) as server:
+        client = connect(server.port)
+        send_protected(client, APPLICATION_DATA, data)
+        got = read_exactly(client, len(data))
+        # padding counts too: 1000 bytes of content padded to exactly 2^14 + 1
+        send_protected(client, APPLICATION_DATA, data[:1000], MAX_PLAINTEXT - 1000)
+        assert read_exactly(client, 1000) == data[:1000]
+        assert echo(client, b"still open") == b"still open"
+        client.close()
+        served = server.result()
+    assert served.error is None, served.error
+    assert got == data
+    assert b"".join(served.received) == data + data[:1000] + b"still open"
+
+
+def test_protected_record_one_byte_over_is_record_overflow(server_ctx: A.TLSContext) -> None:
+    """5.1: content over 2^14 bytes (once deprotected) -> "MUST ... record_overflow"."""
+    with serving(server_ctx) as server:
+        client = connect(server.port)
+        echo(client, b"x")
+        send_protected(client, APPLICATION_DATA, bytes(MAX_PLAINTEXT + 1))
+        got = server_alert(client)
+        served = server.result()
+    assert_our_error(served)
+    assert served.received == [b"x"]
+    assert got == RECORD_OVERFLOW
+
+
+def test_padding_past_the_limit_is_rejected_or_ignored(server_ctx: A.TLSContext) -> None:
+    """5.4: "the full encoded TLSInnerPlaintext MUST NOT exceed 2^14 + 1 octets" binds the
+    sender; the receiver's MUSTs are content <= 2^14 (5.1) and ciphertext <= 2^14 + 256
+    (5.2).  1000 bytes padded to 2^14 + 2 break neither: our server (OpenSSL) delivers the
+    content; rejecting it would have to be record_overflow."""
+    with serving(server_ctx) as server:
+        client = connect(server.port)
+        send_protected(client, APPLICATION_DATA, b"z" * 1000, MAX_PLAINTEXT - 999)
+        try:
+            outcome: bytes | int | None = read_exactly(client, 1000)
+        except TLSRemoteAlert as alert:
+            outcome = int(alert.description)
+        close(client)
+        served = server.result()
+    if outcome == b"z" * 1000:
+        assert served.error is None, served.error
+    else:
+        assert_our_error(served)
+        assert outcome == RECORD_OVERFLOW
+
+
+def test_ciphertext_over_2_14_plus_256_is_record_overflow(server_ctx: A.TLSContext) -> None:
+    """5.2: TLSCiphertext.length "MUST NOT exceed 2^14 + 256 bytes ... record_overflow"."""
+    with serving(server_ctx) as server:
+        client = connect(server.port)
+        echo(client, b"x")
+        send_raw(client, APPLICATION_DATA, bytes(MAX_PLAINTEXT + 256 + 1))
+        got = server_alert(client)
+        served = server.result()
+    assert_our_error(served)
+    assert got == RECORD_OVERFLOW
+
+
+def test_plaintext_record_over_2_14_is_record_overflow(server_ctx: A.TLSContext) -> None:
+    """5.1: TLSPlaintext.length "MUST NOT exceed 2^14 bytes ... record_overflow"."""
+    def oversized_first(hello: ClientHello, n: int) -> None:
+        # a handshake record one byte too long (its content is never looked at)
+        send_raw(client, HANDSHAKE, bytes([CLIENT_HELLO]) + bytes(MAX_PLAINTEXT),
+                 version=b"\x03\x01")
+
+    with serving(server_ctx) as server:
+        client = open_client(server.port, hello_hook=oversized_first)
+        alert = handshake_alert(client)
+        served = server.result()
+    assert_our_error(served)
+    assert alert == RECORD_OVERFLOW
+
+
+# -- ALPN (RFC 7301 3.2; RFC 8446 4.2 names it among the EncryptedExtensions) -----------------
+@pytest.mark.parametrize(("offered", "chosen"), [
+    ([b"spdy/1", b"http/1.1"], "http/1.1"),
+    ([b"http/1.1", b"h2"], "h2"),  # the server's preference among the client's
+], ids=["one-in-common", "servers-preference"])
+def test_alpn_server_picks_from_the_clients_list(
+        pki: Pki, offload: A.Offload, offload_on: bool, offered: list[bytes],
+        chosen: str) -> None:
+    ctx = pki.server_ctx("rsa", offload=offload if offload_on else None)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with serving(ctx) as server:
+        client = connect(server.port, alpn=offered)
+        echo(client, b"x")
+        client.close()
+        served = server.result()
+    assert served.error is None, served.error
+    assert client.session.appProto == chosen.encode()
+    assert served.alpn == chosen
+
+
+def test_alpn_without_overlap_is_no_application_protocol(
+        pki: Pki, offload: A.Offload, offload_on: bool) -> None:
+    """RFC 7301 3.2: no protocol in common -> the server "MUST respond with a fatal
+    no_application_protocol alert" (this library does, rather than ignore ALPN)."""
+    ctx = pki.server_ctx("rsa", offload=offload if offload_on else None)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with serving(ctx) as server:
+        client = open_client(server.port)
+        alert = handshake_alert(client, alpn=[b"spdy/1", b"imap"])
+        served = server.result()
+    assert_our_error(served)
+    assert alert == NO_APPLICATION_PROTOCOL
+    # sent before the ServerHello, so unprotected: the server never got to choose keys
+    assert records(client.wire.received)[0][0] == ALERT
+
+
+def test_alpn_not_offered_means_none_selected(
+        pki: Pki, offload: A.Offload, offload_on: bool) -> None:
+    """RFC 7301 3.1: a client that offers no ALPN gets none; the handshake goes on."""
+    ctx = pki.server_ctx("rsa", offload=offload if offload_on else None)
+    ctx.set_alpn_protocols(["h2"])
+    with serving(ctx) as server:
+        client = connect(server.port)
+        echo(client, b"x")
+        client.close()
+        served = server.result()
+    assert served.error is None, served.error
+    assert served.alpn is None
+    assert client.session.appProto in (None, b"")
+    assert server_hello_extension(client, ExtensionType.alpn) is None
+
+
+# -- resumption with tickets (RFC 8446 2.2, 4.2.9, 4.2.11, 4.6.1) -----------------------------
+def server_hello_extension(client: Client, ext_type: int) -> Any:
+    return server_hello(client).getExtension(ext_type)
+
+
+def first_session(port: int) -> Any:
+    """A full handshake; read until the server's NewSessionTickets are in; the session."""
+    client = connect(port)
+    assert echo(client, b"first") == b"first"  # tickets come before the echo
+    assert client.tickets, "the server sent no NewSessionTicket"
+    assert not client.resumed
+    session = client.session
+    client.close()
+    return session
+
+
+def test_resumption_with_a_ticket_psk_dhe_ke(server_ctx: A.TLSContext) -> None:
+    """4.2.9/4.2.11: the client offers a ticket with psk_dhe_ke: the server accepts the PSK
+    (pre_shared_key selects identity 0) *and* does (EC)DHE (a key_share in ServerHello)."""
+    with serving(server_ctx, connections=2) as server:
+        session = first_session(server.port)
+        client = connect(server.port, session=session,
+                         settings=tls13_settings(psk_modes=["psk_dhe_ke"]))
+        assert echo(client, b"resumed") == b"resumed"
+        client.close()
+        first, second = server.result(0), server.result(1)
+    assert first.error is None and second.error is None, (first.error, second.error)
+    assert client.resumed
+    assert second.session_reused
+    assert server_hello_extension(client, ExtensionType.pre_shared_key).selected == 0
+    assert server_hello_extension(client, ExtensionType.key_share) is not None
+    # a PSK handshake sends no Certificate (2.2)
+    assert not any(type(m).__name__ == "Certificate" for m in client.messages)
+
+
+def test_resumption_respects_the_clients_psk_modes(server_ctx: A.TLSContext) -> None:
+    """4.2.9: offered psk_ke only, the server "MUST NOT select a key exchange mode that is not
+    listed by the client": resume without (EC)DHE, or fall back to a full handshake."""
+    with serving(server_ctx, connections=2) as server:
+        session = first_session(server.port)
+        client = connect(server.port, session=session,
+                         settings=tls13_settings(psk_modes=["psk_ke"]))
+        assert echo(client, b"second") == b"second"
+        client.close()
+        second = server.result(1)
+    assert second.error is None, second.error
+    psk = server_hello_extension(client, ExtensionType.pre_shared_key)
+    key_share = server_hello_extension(client, ExtensionType.key_share)
+    if psk is not None:  # psk_ke: no key_share (4.2.8: "psk_ke ... MUST NOT send key_share")
+        assert key_share is None and client.resumed and second.session_reused
+    else:
+        assert key_share is not None and not client.resumed and not second.session_reused
