@@ -5,7 +5,10 @@ C); our C lives in ordinary ``.c`` files beside this one and is compiled with
 only non-deprecated OpenSSL 3.0 API.  ``setup.py`` names this module in
 ``cffi_modules``; ``python anyio_asyncssl/_native/build.py`` builds in place.
 
-Environment: ``ASYNCSSL_ASAN=1`` compiles our C with AddressSanitizer.
+Environment: ``ASYNCSSL_SANITIZE=address|undefined|thread`` compiles our C
+with AddressSanitizer, UndefinedBehaviorSanitizer (any report aborts) or
+ThreadSanitizer; the process must preload the runtime (``.ci/sanitize``).
+``ASYNCSSL_ASAN=1`` is the older spelling of ``ASYNCSSL_SANITIZE=address``.
 """
 
 from __future__ import annotations
@@ -370,9 +373,20 @@ CFLAGS = [
 
 LDFLAGS = ["-pthread"]
 
-if os.environ.get("ASYNCSSL_ASAN"):
-    CFLAGS += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g", "-O1"]
-    LDFLAGS += ["-fsanitize=address"]
+SANITIZERS = {
+    "address": ["-fsanitize=address"],
+    # Python's CFLAGS carry -fwrapv, which turns the signed-overflow check off
+    "undefined": ["-fsanitize=undefined", "-fno-sanitize-recover=all", "-fno-wrapv"],
+    "thread": ["-fsanitize=thread"],
+}
+SANITIZE = os.environ.get("ASYNCSSL_SANITIZE", "") or (
+    "address" if os.environ.get("ASYNCSSL_ASAN") else ""
+)
+if SANITIZE:
+    if SANITIZE not in SANITIZERS:
+        raise SystemExit(f"ASYNCSSL_SANITIZE={SANITIZE!r}: expected one of {', '.join(SANITIZERS)}")
+    CFLAGS += [*SANITIZERS[SANITIZE], "-fno-omit-frame-pointer", "-g", "-O1"]
+    LDFLAGS += SANITIZERS[SANITIZE]
 
 ffibuilder = FFI()
 ffibuilder.cdef(TYPES + OPENSSL_FUNCS + OUR_FUNCS)
