@@ -539,6 +539,21 @@ class TLSConnection:
             return self.do_handshake()
         return self.shutdown()
 
+    def key_update(self, request_peer_update: bool = True) -> None:
+        """Schedule a TLS 1.3 KeyUpdate (RFC 8446 4.6.3) with the next write.
+
+        Our sending keys change once the message is sent (with the next
+        :meth:`write`, or now with ``do_handshake()``); with
+        ``request_peer_update`` the peer must update its keys in turn.
+        Raises :class:`TLSError` before the handshake has finished or on TLS 1.2.
+        """
+        c = self._owned()
+        lib.ERR_clear_error()
+        kind = (lib.SSL_KEY_UPDATE_REQUESTED if request_peer_update
+                else lib.SSL_KEY_UPDATE_NOT_REQUESTED)
+        if not lib.SSL_key_update(c.ssl, kind):
+            raise error_from_queue("key update refused")
+
     # -- bytes in and out -----------------------------------------------------
     def receive_bytes(self, data: Any) -> None:
         """Feed ciphertext from the transport (any C-contiguous buffer)."""

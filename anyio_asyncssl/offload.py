@@ -248,6 +248,7 @@ def default_offload() -> Offload:
 def _restart_workers_in_child() -> None:
     """After fork(): the child's pools have no threads (pool.c); start fresh ones."""
     for off in list(_live):
+        off._lock = threading.Lock()   # a parent's thread may have held it
         if not off._closed and off._pool is not None:
             lib.asx_pool_restart(off._pool)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 
+import pytest
 from conftest import Pki
 
 import anyio_asyncssl as A
@@ -109,3 +110,33 @@ def test_our_client_sends_a_32_byte_legacy_session_id(pki: Pki) -> None:
     ours = _client_hello_session_id(records[0][1])
     theirs = _client_hello_session_id(_records(_stdlib_client_hello())[0][1])
     assert len(ours) == len(theirs) == 32
+
+
+def test_key_update_is_refused_before_the_handshake_and_on_tls12(pki: Pki) -> None:
+    from anyio_asyncssl.testing import pump
+
+    client = A.TLSConnection(pki.client_ctx(), server_hostname="localhost")
+    with pytest.raises(A.TLSError):
+        client.key_update()
+    sctx = pki.server_ctx("rsa")
+    sctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    server = A.TLSConnection(sctx, server_side=True)
+    pump(client, server)
+    with pytest.raises(A.TLSError):
+        server.key_update()
+
+
+def test_key_update_both_ways_between_our_connections(pki: Pki) -> None:
+    """Each side's KeyUpdate(update_requested) is answered; data flows after each."""
+    from anyio_asyncssl.testing import pump
+
+    client = A.TLSConnection(pki.client_ctx(), server_hostname="localhost")
+    server = A.TLSConnection(pki.server_ctx("rsa"), server_side=True)
+    pump(client, server)
+    for first, second in ((client, server), (server, client)):
+        first.key_update(request_peer_update=True)
+        first.write(b"after update")
+        wire = first.bytes_to_send()
+        assert second.read(100, wire) == (A.Status.DONE, b"after update")
+        second.write(b"reply")   # carries the requested KeyUpdate of its own
+        assert first.read(100, second.bytes_to_send()) == (A.Status.DONE, b"reply")

@@ -835,18 +835,12 @@ def test_key_update_before_the_handshake_completes_is_unexpected_message(
     assert alert == UNEXPECTED_MESSAGE
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="missing feature: our server cannot start a KeyUpdate: OpenSSL's "
-                          "SSL_key_update is not bound (anyio_asyncssl/_native/build.py) and "
-                          "TLSConnection has no method for it")
 def test_server_initiated_key_update(server_ctx: A.TLSContext) -> None:
     """4.6.3: either side may update; on update_requested the client answers in kind."""
-    from anyio_asyncssl._ffi import lib
 
     def update_requested(conn: A.TLSConnection) -> None:
-        assert lib.SSL_key_update(conn._c.ssl, 1) == 1  # SSL_KEY_UPDATE_REQUESTED
+        conn.key_update(request_peer_update=True)
 
-    lib.SSL_key_update  # noqa: B018 - AttributeError until the binding exists
     with serving(server_ctx, after_handshake=update_requested) as server:
         client = connect(server.port)
         # the server's KeyUpdate goes out with its next write: the echo

@@ -186,6 +186,9 @@ int SSL_get_changed_async_fds(SSL *s, int *addfd, size_t *numaddfds, int *delfd,
                               size_t *numdelfds);
 int SSL_get_async_status(SSL *s, int *status);
 int SSL_verify_client_post_handshake(SSL *s);
+int SSL_key_update(SSL *s, int updatetype);
+#define SSL_KEY_UPDATE_NOT_REQUESTED ...
+#define SSL_KEY_UPDATE_REQUESTED ...
 long SSL_get_mode(SSL *ssl);
 
 BIO *BIO_new_mem_buf(const void *buf, int len);
