@@ -32,6 +32,7 @@ from .errors import (
 )
 from .notifier import Notifier
 from .offload import Offload, OffloadStats, default_offload
+from .selfsigned import generate_self_signed
 
 if TYPE_CHECKING:
     from .stream import AsyncTLSAttribute, AsyncTLSListener, AsyncTLSStream, connect_tcp
@@ -78,6 +79,7 @@ __all__ = [
     "connection_counters",
     "create_default_context",
     "default_offload",
+    "generate_self_signed",
     "reap_parked",
     "set_job_pool",
 ]

@@ -19,45 +19,12 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from ._ffi import ffi, lib
 from .context import TLSContext, create_default_context
 from .errors import TLSError
 from .offload import Offload
+from .selfsigned import generate_self_signed
 
-__all__ = ["generate_self_signed", "main"]
-
-
-def generate_self_signed(
-    hostname: str = "localhost",
-    *,
-    key_type: str = "rsa",
-    bits: int = 2048,
-    days: int = 30,
-    extra_names: Sequence[str] = ("127.0.0.1", "::1"),
-) -> tuple[bytes, bytes]:
-    """A self-signed certificate and its private key, both PEM (made by OpenSSL)."""
-    import ipaddress
-
-    names = []
-    for n in (hostname, *extra_names):
-        try:
-            ipaddress.ip_address(n)
-            names.append(f"IP:{n}")
-        except ValueError:
-            names.append(f"DNS:{n}")
-    cert = ffi.new("char **")
-    key = ffi.new("char **")
-    lib.ERR_clear_error()
-    if not lib.asx_self_signed(hostname.encode(), ",".join(names).encode(), key_type.encode(),
-                               bits, days, cert, key):
-        from .errors import raise_from_queue
-
-        raise_from_queue("could not generate a self-signed certificate")
-    try:
-        return ffi.string(cert[0]), ffi.string(key[0])
-    finally:
-        lib.OPENSSL_free(cert[0])
-        lib.asx_free_secret(key[0])   # zeroed first: it is a private key
+__all__ = ["main"]
 
 
 def _server_context(args: argparse.Namespace, tmp: str) -> tuple[TLSContext, str]:

@@ -21,7 +21,7 @@ writes collects in :meth:`bytes_to_send`.  Every operation is one C call
   another connection's job finished;
 * ``CLOSED``: the peer sent close_notify.
 
-The rules of async mode are enforced here (DESIGN.md):
+The rules of async mode (docs/architecture.md) are enforced here:
 
 1. While a job is paused, any SSL call resumes *that* job, whatever the
    function.  So a different operation raises :class:`OperationInProgressError`
@@ -55,7 +55,7 @@ import itertools
 import threading
 from typing import Any
 
-from . import parking
+from . import parking, peercert
 from ._ffi import ffi, lib
 from .context import TLSContext, _idna_name, check_hostname_text
 from .errors import (
@@ -66,7 +66,6 @@ from .errors import (
     TLSEOFError,
     TLSError,
     WrongThreadError,
-    drain_queue,
     error_from_queue,
 )
 from .parking import connection_counters, current_thread_serial, reap_parked
@@ -106,7 +105,7 @@ class Operation(enum.IntEnum):
 
 
 class AsyncStatus(enum.IntEnum):
-    """``SSL_get_async_status`` after ``WANT_ASYNC`` (DESIGN rule 7)."""
+    """``SSL_get_async_status`` after ``WANT_ASYNC`` (rule 7)."""
 
     UNSUPPORTED = lib.ASYNC_STATUS_UNSUPPORTED
     ERR = lib.ASYNC_STATUS_ERR
@@ -120,8 +119,7 @@ _asx_step = lib.asx_step
 _NULL = ffi.NULL
 _OP_READ = lib.ASX_OP_READ
 _WANT_ASYNC = lib.ASX_WANT_ASYNC
-_FAILED = lib.ASX_EOF  # statuses >= this (but WANT_WRITE) raise
-_WANT_WRITE = lib.ASX_WANT_WRITE
+_FAILURES = frozenset((lib.ASX_EOF, lib.ASX_ERROR))  # statuses that raise
 _ASYNC_ERR = lib.ASYNC_STATUS_ERR
 _ids = itertools.count(1)
 
@@ -222,7 +220,7 @@ def _shared_buffers() -> tuple[Any, Any]:
 
     A call outside async mode runs no job, so nothing can keep a pointer into
     these after the call returns; calls in async mode use pinned buffers of
-    their own connection (asx_conn_pin, DESIGN rule 2).
+    their own connection (asx_conn_pin, rule 2).
     """
     bufs: tuple[Any, Any] | None = getattr(_thread_buffers, "plain", None)
     if bufs is None:
@@ -280,8 +278,8 @@ class TLSConnection:
                                 write_buffer_size, int(notify == "callback"), self.id)
         if conn == ffi.NULL:
             raise error_from_queue("could not create the TLS connection")
-        self._c = conn
-        self._h = _Handle(conn, [context, context._handle])
+        self._native = conn
+        self._handle = _Handle(conn, [context, context._handle])
         parking.count("created")
         self._outgoing: list[bytes] = []
         self._async_status = AsyncStatus.UNSUPPORTED
@@ -327,16 +325,16 @@ class TLSConnection:
         :class:`WrongThreadError` on a thread that does not own the connection
         (its owner may be inside OpenSSL with it right now).
         """
-        if self._c is _FREED:
+        if self._native is _FREED:
             return
         self._owned()
-        self._h.release()
-        self._c = _FREED
+        self._handle.release()
+        self._native = _FREED
 
     def __del__(self) -> None:
         # any thread: the last reference is gone, so no thread is inside
         # OpenSSL with this connection (a step holds a reference)
-        h = getattr(self, "_h", None)
+        h = getattr(self, "_handle", None)
         if h is not None:
             h.release()
 
@@ -346,19 +344,19 @@ class TLSConnection:
         Raises :class:`ConnectionFreedError` after :meth:`free` and
         :class:`WrongThreadError` on any other thread than the owner.
         """
-        c = self._c
+        c = self._native
         if c is _FREED:
             raise ConnectionFreedError("the TLS connection was freed")
         try:
             me = _thread.serial
         except AttributeError:
             me = current_thread_serial()
-        if self._h.owner != me:
+        if self._handle.owner != me:
             self._claim(me)
         return c
 
     def _claim(self, me: int) -> None:
-        h = self._h
+        h = self._handle
         if h.owner is None:
             h.owner = me
             return
@@ -372,14 +370,14 @@ class TLSConnection:
         """Post this connection's wake-ups to ``notifier`` (a :class:`Notifier`)."""
         c = self._owned()
         self._notifier = notifier
-        self._h.keepalive.append(notifier)
+        self._handle.keepalive.append(notifier)
         lib.asx_conn_set_notifier(c, notifier.ptr)
 
     # -- the step -------------------------------------------------------------
     def _step(self, op: int, incoming: Any, arg: int) -> Status:
         """One asx_step call: feed, run ``op``, classify, drain (the hot path)."""
-        c = self._c
-        h = self._h
+        c = self._native
+        h = self._handle
         try:
             me = _thread.serial
         except AttributeError:
@@ -412,25 +410,20 @@ class TLSConnection:
                 parking.mark_paused(me, h)
         elif pending:
             parking.mark_resumed(me, h)
-        if status >= _FAILED and status != _WANT_WRITE:
+        if status in _FAILURES:
             self._raise_error(op, status)
         return _STATUS[status]
 
     def _raise_error(self, op: int, status: int) -> None:
-        if status == lib.ASX_EOF:
-            drain_queue()
-            raise TLSEOFError("EOF occurred in violation of protocol (no close_notify)",
-                              library="SSL", reason="UNEXPECTED_EOF_WHILE_READING")
         last = lib.ERR_peek_last_error()
-        reason = lib.ERR_GET_REASON(last) if last else 0
         is_ssl = last and lib.ERR_GET_LIB(last) == lib.ERR_LIB_SSL
-        if is_ssl and reason == lib.SSL_R_UNEXPECTED_EOF_WHILE_READING:
-            drain_queue()
-            raise TLSEOFError("EOF occurred in violation of protocol (no close_notify)",
-                              library="SSL", reason="UNEXPECTED_EOF_WHILE_READING")
-        if is_ssl and reason == lib.SSL_R_CERTIFICATE_VERIFY_FAILED:
-            errors = drain_queue()
-            code = int(lib.SSL_get_verify_result(self._owned().ssl))
+        reason = lib.ERR_GET_REASON(last) if is_ssl else 0
+        if status == lib.ASX_EOF or reason == lib.SSL_R_UNEXPECTED_EOF_WHILE_READING:
+            raise error_from_queue(
+                cls=TLSEOFError, message="EOF occurred in violation of protocol (no close_notify)",
+                library="SSL", reason="UNEXPECTED_EOF_WHILE_READING")
+        if reason == lib.SSL_R_CERTIFICATE_VERIFY_FAILED:
+            code = int(lib.SSL_get_verify_result(self._native.ssl))
             vmsg = ffi.string(lib.X509_verify_cert_error_string(code)).decode()
             # like the stdlib: name what the certificate did not match
             if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
@@ -438,16 +431,17 @@ class TLSConnection:
             elif code == 64:  # X509_V_ERR_IP_ADDRESS_MISMATCH
                 vmsg = ("IP address mismatch, certificate is not valid for "
                         f"{self.server_hostname!r}.")
-            raise CertificateVerifyError(
-                f"certificate verify failed: {vmsg}", verify_code=code, verify_message=vmsg,
-                errors=errors)
+            raise error_from_queue(
+                cls=CertificateVerifyError, message=f"certificate verify failed: {vmsg}",
+                library="SSL", reason="CERTIFICATE_VERIFY_FAILED",
+                verify_code=code, verify_message=vmsg)
         if self._engine_failed:
             raise error_from_queue("offload engine failed", AsyncEngineError)
         raise error_from_queue(f"TLS {Operation(op).name.lower()} failed")
 
     def _buffers_for_new_call(self) -> None:
         """Point the connection at the buffers a new read or write may use."""
-        c = self._c
+        c = self._native
         if self._pinned:
             return
         if c.async_mode:
@@ -467,7 +461,7 @@ class TLSConnection:
             self._handshake_done = True
             if self.async_mode == "handshake":
                 # only private-key operations are offloaded: later calls need no job
-                lib.asx_conn_set_async(self._c, 0)
+                lib.asx_conn_set_async(self._native, 0)
         return st
 
     def read(self, max_bytes: int = READ_BUFFER_SIZE,
@@ -484,13 +478,13 @@ class TLSConnection:
             if incoming is not _NO_INPUT:
                 self.receive_bytes(incoming)
             return Status.DONE, b""
-        c = self._c
+        c = self._native
         if not c.pending_op and not self._pinned and (c.async_mode or c.read_buf == _NULL):
             self._owned()
             self._buffers_for_new_call()
         st = self._step(_OP_READ, incoming, max_bytes)
         if st is Status.DONE:
-            return st, ffi.buffer(c.read_buf, self._h.result.result)[:]
+            return st, ffi.buffer(c.read_buf, self._handle.result.result)[:]
         return st, b""
 
     def write(self, data: Any, incoming: Any = _NO_INPUT) -> tuple[Status, int]:
@@ -517,27 +511,14 @@ class TLSConnection:
             ffi.memmove(c.write_buf, view[:n], n)
             c.write_len = n
         st = self._step(lib.ASX_OP_WRITE, incoming, 0)
-        return st, (int(self._h.result.result) if st is Status.DONE else 0)
+        return st, (int(self._handle.result.result) if st is Status.DONE else 0)
 
     def shutdown(self, incoming: Any = _NO_INPUT) -> Status:
         """Send close_notify (DONE once sent; see :attr:`close_notify_received`)."""
         if not self._handshake_done:
-            raise TLSError("shutdown while in init: the handshake has not completed",
-                           library="SSL", reason="SHUTDOWN_WHILE_IN_INIT")
+            raise error_from_queue(message="shutdown while in init: the handshake has not "
+                                   "completed", library="SSL", reason="SHUTDOWN_WHILE_IN_INIT")
         return self._step(lib.ASX_OP_SHUTDOWN, incoming, 0)
-
-    def resume(self) -> Status:
-        """Retry the operation whose async job is paused (read data: see :meth:`read`)."""
-        op = self._c.pending_op
-        if op == lib.ASX_OP_NONE:
-            return Status.DONE
-        if op == lib.ASX_OP_READ:
-            return self.read()[0]
-        if op == lib.ASX_OP_WRITE:
-            return self._step(op, b"", 0)
-        if op == lib.ASX_OP_HANDSHAKE:
-            return self.do_handshake()
-        return self.shutdown()
 
     def key_update(self, request_peer_update: bool = True) -> None:
         """Schedule a TLS 1.3 KeyUpdate (RFC 8446 4.6.3) with the next write.
@@ -560,7 +541,7 @@ class TLSConnection:
         c = self._owned()
         cbuf = ffi.from_buffer(data)   # its len() is the size in bytes
         if len(cbuf):
-            lib.asx_step(c, 0, cbuf, len(cbuf), 0, ffi.NULL, 0, self._h.result)
+            lib.asx_step(c, 0, cbuf, len(cbuf), 0, ffi.NULL, 0, self._handle.result)
 
     def receive_eof(self) -> None:
         """The transport ended: once the read BIO is empty, reads see EOF."""
@@ -569,7 +550,7 @@ class TLSConnection:
     def bytes_to_send(self) -> bytes:
         """Everything OpenSSL wrote since the last call (ciphertext for the transport)."""
         c = self._owned()
-        r = self._h.result
+        r = self._handle.result
         out = _out_buffer()
         lib.asx_step(c, 0, ffi.NULL, 0, 0, out, OUT_BUFFER_SIZE, r)
         if r.out_len:
@@ -583,8 +564,11 @@ class TLSConnection:
     def has_bytes_to_send(self) -> bool:
         return bool(self._outgoing)
 
-    def take_bytes_to_send(self) -> bytes:
-        """What the operations wrote (each step drains OpenSSL fully): no C call."""
+    def take_collected_output(self) -> bytes:
+        """Ciphertext the operations already took from OpenSSL (each step drains it): no C call.
+
+        :meth:`bytes_to_send` is the same plus a C call that drains OpenSSL.
+        """
         out = self._outgoing
         if not out:
             return b""
@@ -605,7 +589,7 @@ class TLSConnection:
     # -- async state ----------------------------------------------------------
     @property
     def pending_operation(self) -> Operation | None:
-        op = self._c.pending_op
+        op = self._native.pending_op
         return Operation(op) if op else None
 
     @property
@@ -616,12 +600,12 @@ class TLSConnection:
     @property
     def async_active(self) -> bool:
         """Whether SSL calls currently run in OpenSSL async jobs (SSL_MODE_ASYNC)."""
-        return bool(self._c.async_mode)
+        return bool(self._native.async_mode)
 
     @property
     def wakeups(self) -> int:
         """How often the async callback fired for this connection."""
-        return int(self._c.wakeups)
+        return int(self._native.wakeups)
 
     def changed_async_fds(self) -> tuple[list[int], list[int]]:
         """Engine wait fds added and removed since the last pause (never read or close them)."""
@@ -646,7 +630,7 @@ class TLSConnection:
 
     def stats(self) -> dict[str, int]:
         """Per-connection counters of the async machinery."""
-        c = self._c
+        c = self._native
         return {
             "wakeups": int(c.wakeups),
             "callbacks_on_worker": int(c.cb_on_worker),
@@ -709,11 +693,11 @@ class TLSConnection:
             return None
         try:
             if binary_form:
-                return _der(x)
+                return peercert.der(x)
             if not (lib.SSL_CTX_get_verify_mode(lib.SSL_get_SSL_CTX(self._owned().ssl))
                     & lib.SSL_VERIFY_PEER):
                 return {}
-            return _decode_cert(x)
+            return peercert.decode(x)
         finally:
             lib.X509_free(x)
 
@@ -745,137 +729,3 @@ class TLSConnection:
         except TLSError as exc:   # freed, or asked on another thread
             state = type(exc).__name__
         return f"<TLSConnection #{self.id} {side} {state}>"
-
-
-# -- certificate decoding (the stdlib's getpeercert() dict) ---------------------
-def _der(x: Any) -> bytes:
-    n = lib.i2d_X509(x, ffi.NULL)
-    buf = ffi.new("unsigned char[]", n)
-    p = ffi.new("unsigned char **", buf)
-    lib.i2d_X509(x, p)
-    return bytes(ffi.buffer(buf, n))
-
-
-def _name(name: Any) -> tuple[tuple[tuple[str, str], ...], ...]:
-    rdns: list[list[tuple[str, str]]] = []
-    last_set = -1
-    for i in range(lib.X509_NAME_entry_count(name)):
-        entry = lib.X509_NAME_get_entry(name, i)
-        obj = lib.X509_NAME_ENTRY_get_object(entry)
-        nid = lib.OBJ_obj2nid(obj)
-        if nid:
-            key = ffi.string(lib.OBJ_nid2ln(nid)).decode()
-        else:
-            txt = ffi.new("char[]", 128)
-            lib.OBJ_obj2txt(txt, 128, obj, 1)
-            key = ffi.string(txt).decode()
-        out = ffi.new("unsigned char **")
-        n = lib.ASN1_STRING_to_UTF8(out, lib.X509_NAME_ENTRY_get_data(entry))
-        value = bytes(ffi.buffer(out[0], n)).decode("utf-8", "replace") if n >= 0 else ""
-        if n >= 0:
-            lib.OPENSSL_free(out[0])
-        s = lib.X509_NAME_ENTRY_set(entry)
-        if s != last_set:
-            rdns.append([])
-            last_set = s
-        rdns[-1].append((key, value))
-    return tuple(tuple(r) for r in rdns)
-
-
-def _time(t: Any) -> str:
-    bio = lib.BIO_new(lib.BIO_s_mem())
-    try:
-        lib.ASN1_TIME_print(bio, t)
-        buf = ffi.new("char[]", 64)
-        n = lib.BIO_read(bio, buf, 64)
-        return bytes(ffi.buffer(buf, max(n, 0))).decode()
-    finally:
-        lib.BIO_free(bio)
-
-
-# GENERAL_NAME types without a cdef (x509v3.h; stable ABI values)
-_GEN_OTHERNAME, _GEN_X400, _GEN_DIRNAME, _GEN_EDIPARTY, _GEN_RID = 0, 3, 4, 5, 8
-
-
-def _san(x: Any) -> tuple[tuple[str, Any], ...]:
-    names = lib.X509_get_ext_d2i(x, lib.NID_subject_alt_name, ffi.NULL, ffi.NULL)
-    if names == ffi.NULL:
-        return ()
-    names = ffi.cast("GENERAL_NAMES *", names)
-    out: list[tuple[str, Any]] = []
-    try:
-        for i in range(lib.sk_GENERAL_NAME_num(names)):
-            gen = lib.sk_GENERAL_NAME_value(names, i)
-            kind = ffi.new("int *")
-            val = lib.GENERAL_NAME_get0_value(gen, kind)
-            # only these four are ASN1_STRINGs; DirName is an X509_NAME, RID an
-            # ASN1_OBJECT (reading them as strings crashed the process)
-            if kind[0] in (lib.GEN_DNS, lib.GEN_EMAIL, lib.GEN_URI, lib.GEN_IPADD):
-                s = ffi.cast("ASN1_STRING *", val)
-                raw = bytes(ffi.buffer(lib.ASN1_STRING_get0_data(s), lib.ASN1_STRING_length(s)))
-            if kind[0] == lib.GEN_DNS:
-                out.append(("DNS", raw.decode("ascii", "replace")))
-            elif kind[0] == lib.GEN_EMAIL:
-                out.append(("email", raw.decode("ascii", "replace")))
-            elif kind[0] == lib.GEN_URI:
-                out.append(("URI", raw.decode("ascii", "replace")))
-            elif kind[0] == lib.GEN_IPADD:
-                if len(raw) == 4:
-                    out.append(("IP Address", ".".join(str(b) for b in raw)))
-                elif len(raw) == 16:
-                    out.append(("IP Address", ":".join(
-                        f"{int.from_bytes(raw[j:j + 2], 'big'):X}" for j in range(0, 16, 2))))
-                else:
-                    out.append(("IP Address", "<invalid>"))
-            elif kind[0] == _GEN_DIRNAME:
-                out.append(("DirName", _name(ffi.cast("X509_NAME *", val))))
-            elif kind[0] == _GEN_RID:
-                txt = ffi.new("char[]", 128)
-                lib.OBJ_obj2txt(txt, 128, ffi.cast("ASN1_OBJECT *", val), 0)
-                out.append(("Registered ID", ffi.string(txt).decode()))
-            elif kind[0] == _GEN_X400:
-                out.append(("X400Name", "<unsupported>"))
-            elif kind[0] == _GEN_EDIPARTY:
-                out.append(("EdiPartyName", "<unsupported>"))
-            else:
-                out.append(("othername", "<unsupported>"))
-    finally:
-        lib.GENERAL_NAMES_free(names)
-    return tuple(out)
-
-
-def _decode_cert(x: Any) -> dict[str, Any]:
-    bn = lib.ASN1_INTEGER_to_BN(lib.X509_get_serialNumber(x), ffi.NULL)
-    hexs = lib.BN_bn2hex(bn)
-    serial = ffi.string(hexs).decode()
-    lib.OPENSSL_free(hexs)
-    lib.BN_free(bn)
-    cert: dict[str, Any] = {
-        "subject": _name(lib.X509_get_subject_name(x)),
-        "issuer": _name(lib.X509_get_issuer_name(x)),
-        "version": int(lib.X509_get_version(x)) + 1,
-        "serialNumber": serial,
-        "notBefore": _time(lib.X509_get0_notBefore(x)),
-        "notAfter": _time(lib.X509_get0_notAfter(x)),
-    }
-    san = _san(x)
-    if san:
-        cert["subjectAltName"] = san
-    for kind, key in ((0, "OCSP"), (1, "caIssuers"), (2, "crlDistributionPoints")):
-        uris = _uris(x, kind)
-        if uris:
-            cert[key] = uris
-    return cert
-
-
-def _uris(x: Any, kind: int) -> tuple[str, ...]:
-    cap = 4096
-    while True:
-        buf = ffi.new("char[]", cap)
-        n = lib.asx_cert_uris(x, kind, buf, cap)
-        if n >= 0:
-            break
-        cap *= 4
-    raw = ffi.buffer(buf, cap)[:]
-    return tuple(part.decode("ascii", "replace") for part in raw.split(b"\0")[:n])
-

@@ -8,7 +8,7 @@ before any connection exists: passwords are resolved, keys are decoded and
 format, SNI certificates become child SSL_CTXs.  The callbacks libssl calls
 during a handshake (ALPN select, SNI, keylog) are C functions in conn.c that
 read that prepared data: no Python runs inside an OpenSSL call, where it
-could be on a 32 KiB job stack (DESIGN rule 6).  Certificate and host-name
+could be on a 32 KiB job stack (rule 6 of docs/architecture.md).  Certificate and host-name
 verification are OpenSSL's own (``SSL_set1_host``), with no verify callback.
 
 Record ciphers are fetched when an SSL_CTX is created, with the context's
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from ._ffi import ffi, lib
-from .errors import TLSError, drain_queue, error_from_queue, raise_from_queue
+from .errors import TLSError, drain_queue, raise_from_queue
 from .offload import Offload
 
 __all__ = [
@@ -116,20 +116,10 @@ def _load_private_key(data: bytes, password: PasswordType, libctx: Any, what: st
         lib.BIO_free(bio)
     if pkey == ffi.NULL:
         if encrypted:
-            drain_queue()
-            raise TLSError(f"{what}: wrong password or corrupt key", library="PEM",
-                           reason="BAD_DECRYPT")
-        _raise_with_context(f"{what}: no private key found")
+            raise_from_queue(message=f"{what}: wrong password or corrupt key", library="PEM",
+                             reason="BAD_DECRYPT")
+        raise_from_queue(context=f"{what}: no private key found")
     return pkey
-
-
-def _raise_with_context(message: str) -> None:
-    """Raise TLSError(``message``: OpenSSL's reason), keeping library/reason/errors."""
-    err = error_from_queue(message)
-    if err.errors:
-        err = TLSError(f"{message}: {err.message}", library=err.library, reason=err.reason,
-                       errors=err.errors)
-    raise err
 
 
 def _x509_from_cadata(cadata: str | bytes | bytearray) -> list[Any]:
@@ -159,7 +149,7 @@ def _x509_from_cadata(cadata: str | bytes | bytearray) -> list[Any]:
         if x == ffi.NULL:
             for c in certs:
                 lib.X509_free(c)
-            _raise_with_context("cadata: not DER certificates")
+            raise_from_queue(context="cadata: not DER certificates")
         certs.append(x)
     if not certs:
         raise TLSError("cadata: empty")
@@ -264,7 +254,7 @@ class TLSContext:
     @staticmethod
     def _check(ok: int, message: str = "OpenSSL call failed") -> None:
         if ok != 1:
-            _raise_with_context(message)
+            raise_from_queue(context=message)
 
     def _apply(self, fn: Callable[[Any], None]) -> None:
         """Run a setting on the SSL_CTX and record it for rebuilds."""
@@ -357,9 +347,8 @@ class TLSContext:
             if lib.SSL_CTX_set_cipher_list(ctx, raw) != 1:
                 # OpenSSL has already replaced the list (TLS 1.3 suites only): restore it
                 lib.SSL_CTX_set_cipher_list(ctx, self._ciphers.encode("ascii"))
-                drain_queue()
-                raise TLSError(f"No cipher can be selected from {ciphers!r}",
-                               library="SSL", reason="NO_CIPHER_MATCH")
+                raise_from_queue(message=f"No cipher can be selected from {ciphers!r}",
+                                 library="SSL", reason="NO_CIPHER_MATCH")
         self._apply(apply)
         self._ciphers = ciphers
 
@@ -369,9 +358,9 @@ class TLSContext:
 
         def apply(ctx: Any) -> None:
             if lib.SSL_CTX_set_ciphersuites(ctx, raw) != 1:
-                drain_queue()
-                raise TLSError(f"No TLS 1.3 cipher suite can be selected from {suites!r}",
-                               library="SSL", reason="NO_CIPHER_MATCH")
+                raise_from_queue(
+                    message=f"No TLS 1.3 cipher suite can be selected from {suites!r}",
+                    library="SSL", reason="NO_CIPHER_MATCH")
         self._apply(apply)
 
     def set_alpn_protocols(self, protocols: Iterable[str | bytes]) -> None:
@@ -466,11 +455,10 @@ class TLSContext:
     # -- certificates ---------------------------------------------------------
     def _use_cert_chain(self, ctx: Any, certfile: bytes, pkey: Any) -> None:
         if lib.SSL_CTX_use_certificate_chain_file(ctx, certfile) != 1:
-            _raise_with_context(f"cannot load certificate chain {os.fsdecode(certfile)!r}")
+            raise_from_queue(context=f"cannot load certificate chain {os.fsdecode(certfile)!r}")
         if lib.SSL_CTX_use_PrivateKey(ctx, pkey) != 1 or lib.SSL_CTX_check_private_key(ctx) != 1:
-            err = error_from_queue("private key does not match the certificate")
-            raise TLSError("private key does not match the certificate: " + err.message,
-                           library=err.library, reason="KEY_VALUES_MISMATCH", errors=err.errors)
+            raise_from_queue(context="private key does not match the certificate",
+                             reason="KEY_VALUES_MISMATCH")
 
     def _prepare_key(self, certfile: StrOrBytesPath, keyfile: StrOrBytesPath | None,
                      password: PasswordType) -> tuple[bytes, Any]:

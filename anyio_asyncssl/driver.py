@@ -11,7 +11,7 @@ Every public operation of both faces (anyio and trio) goes through
   until the job finishes, the task is inside a *shielded* cancel scope: it
   waits for the engine and retries the same step, because OpenSSL cannot
   cancel a job and the next SSL call on this connection would resume it
-  whatever it is (DESIGN rules 1 and 4).  How to wait depends on
+  whatever it is (rules 1 and 4 of docs/architecture.md).  How to wait depends on
   ``SSL_get_async_status`` (rule 7): OK -> the C callback's wake-up through
   the loop's notifier, for at most a bound that grows from 1 to 5 s (a
   lost wake-up costs a late retry, never a hang); EAGAIN -> retry after a short,
@@ -30,6 +30,18 @@ calls themselves never await, so they cannot interleave, and WANT_READ ends
 a job.  While a job is paused every other operation waits for that pause to
 end, so the two directions never interleave inside a pause.
 
+The driver also owns every protocol step and every piece of state both
+faces share, so that a face only maps outcomes to its framework's
+vocabulary: the stream's state (usable, broken with a reason, closed), one
+busy detector per direction (:class:`StreamBusy`), ``send_eof`` (close_notify
+once, then no more writes), ``unwrap``, holding a TLS 1.3 server's session
+tickets until its first send (``hold_session_tickets``: OpenSSL writes them
+as the handshake completes, and a server that insisted on sending them then
+would wait for a client that may not read before it writes: a deadlock over
+an unbuffered transport, as trio.SSLStream knows), and waiting until a send
+may not block.  Failures keep only a description (``broken``): a stored
+exception would hold its traceback's frames, and through them the stream.
+
 Cancellation: a read that completed inside the shield keeps its plaintext
 for the next read; ciphertext received but not yet stepped goes into the
 read BIO before any wait; ciphertext not yet sent stays queued and goes out
@@ -41,7 +53,9 @@ shields: it is held back until the job has finished, then raised.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 
 import anyio
 
@@ -49,7 +63,7 @@ from .connection import AsyncStatus, Operation, Status, TLSConnection
 from .dispatch import LoopDispatcher, current_dispatcher
 from .errors import AsyncEngineError, TLSError
 
-__all__ = ["Driver"]
+__all__ = ["Driver", "StreamBroken", "StreamBusy", "StreamClosed", "describe"]
 
 _EAGAIN_FIRST = 0.0002
 _EAGAIN_MAX = 0.02
@@ -60,18 +74,78 @@ _ERR_RETRIES = 100
 _ALERT_TIMEOUT = 1.0
 
 
+class StreamClosed(Exception):
+    """The stream was closed (or unwrapped), or its sending side ended (send_eof)."""
+
+
+class StreamBroken(Exception):
+    """An earlier failure left the stream unusable; ``str()`` says which."""
+
+
+class StreamBusy(Exception):
+    """Another task is already sending (or receiving) on this stream."""
+
+
+def describe(exc: BaseException | None) -> str | None:
+    """``"Type: message"`` for an exception (what a broken stream keeps of it)."""
+    if exc is None:
+        return None
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class ConflictDetector:
+    """Raises ``busy_error(what)`` when a second task enters (trio's and anyio's rule)."""
+
+    __slots__ = ("_busy_error", "_held", "_what")
+
+    def __init__(self, what: str, busy_error: Callable[[str], Exception] = StreamBusy) -> None:
+        self._what = what
+        self._busy_error = busy_error
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise self._busy_error(self._what)
+        self._held = True
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._held = False
+
+
 class Driver:
-    """Runs one TLSConnection over ``send(bytes)`` / ``receive() -> bytes`` (b"" = EOF)."""
+    """Runs one TLSConnection over ``send(bytes)`` / ``receive() -> bytes`` (b"" = EOF).
+
+    ``hold_session_tickets``: a TLS 1.3 server keeps the tickets its
+    handshake wrote until its first send (see the module docstring).
+    ``busy_error(direction)`` makes the exception :attr:`sending` and
+    :attr:`receiving` raise for a second task ("sending"/"receiving"): the
+    face's own ``BusyResourceError``.
+    """
 
     def __init__(
         self,
         conn: TLSConnection,
         send: Callable[[bytes], Awaitable[None]],
         receive: Callable[[], Awaitable[bytes]],
+        *,
+        hold_session_tickets: bool = False,
+        busy_error: Callable[[str], Exception] = StreamBusy,
     ) -> None:
         self.conn = conn
         self._send = send
         self._receive = receive
+        self._hold_tickets = hold_session_tickets and conn.server_side
+        self._held: bytes = b""   # session tickets not sent yet
+        # the state both faces share
+        self.broken: str | None = None   # why the stream is unusable
+        self.closed = False
+        self.closing = False             # aclose() is under way
+        self.eof_sent = False
+        self.sending = ConflictDetector("sending", busy_error)
+        self.receiving = ConflictDetector("receiving", busy_error)
+        self._handshake_started = False
+        self._handshake_finished = anyio.Event()
         # uncontended, these take no checkpoint: the transport calls they
         # guard checkpoint anyway, and on trio a lock checkpoint per record
         # costs a scheduler round trip
@@ -85,8 +159,20 @@ class Driver:
         self._dispatcher: LoopDispatcher | None = None
         self._fds: set[int] = set()
         self.transport_eof = False
-        self.broken: BaseException | None = None
         self.pauses = 0
+
+    # -- state -------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise :class:`StreamClosed` or :class:`StreamBroken` unless usable."""
+        if self.closed:
+            raise StreamClosed("the TLS stream was closed")
+        if self.broken is not None:
+            raise StreamBroken(self.broken)
+
+    def mark_broken(self, exc: BaseException | None = None) -> None:
+        """The stream is unusable from now on (the first reason is kept)."""
+        if self.broken is None:
+            self.broken = describe(exc) or "an operation was interrupted"
 
     # -- the loop --------------------------------------------------------------
     def _bind(self) -> LoopDispatcher:
@@ -97,11 +183,19 @@ class Driver:
         return d
 
     async def _run(self, op: int, step: Callable[[bytes], Status]) -> Status:
+        try:
+            return await self._retry(op, step)
+        except _breaking() as exc:
+            # TLS failed, or the transport did: no later operation can work
+            self.mark_broken(exc)
+            raise
+
+    async def _retry(self, op: int, step: Callable[[bytes], Status]) -> Status:
         conn = self.conn
         d = self._dispatcher or self._bind()
         incoming = b""
         while True:
-            c = conn._c  # the C connection: its fields are read directly on this hot path
+            c = conn._native  # the C connection: its fields are read directly on this hot path
             pending = c.pending_op
             # (a pending job with _pause_end set has no task finishing it: the
             # step then raises OperationInProgressError instead of spinning)
@@ -113,7 +207,7 @@ class Driver:
                     conn.receive_bytes(incoming)
                     incoming = b""
                 await self._pause_end.wait()
-                c = conn._c
+                c = conn._native
                 pending = c.pending_op
             before = int(c.wakeups)
             try:
@@ -229,7 +323,7 @@ class Driver:
         would stop reading what the peer sends, and if the peer does the
         same, full duplex deadlocks.
         """
-        data = self.conn.take_bytes_to_send()
+        data = self.conn.take_collected_output()
         if not data:
             return False
         self._outq.append(data)
@@ -248,7 +342,7 @@ class Driver:
                     await self._send(data)
                 except BaseException as exc:
                     # the records are gone half way: the peer can no longer decrypt
-                    self.broken = exc
+                    self.mark_broken(exc)
                     raise
 
     async def _receive_some(self) -> bytes:
@@ -279,15 +373,42 @@ class Driver:
             except Exception:
                 pass
 
-    async def flush(self) -> None:
-        """Send any queued ciphertext."""
-        self._queue_output()
-        if self._outq:
-            await self._flush()
-
     # -- operations --------------------------------------------------------------
     async def handshake(self) -> None:
-        await self._run(Operation.HANDSHAKE, self.conn.do_handshake)
+        """Run the handshake (the faces' eager path)."""
+        self._handshake_started = True
+        conn = self.conn
+
+        def holding_tickets(incoming: bytes) -> Status:
+            st = conn.do_handshake(incoming)
+            if st is Status.DONE and conn.version() == "TLSv1.3":
+                # what the last step wrote is the session tickets: keep them
+                self._held = conn.take_collected_output()
+            return st
+
+        try:
+            await self._run(Operation.HANDSHAKE,
+                            holding_tickets if self._hold_tickets else conn.do_handshake)
+        finally:
+            self._handshake_finished.set()
+
+    async def ensure_handshake(self) -> None:
+        """Run the handshake once; concurrent callers wait for that one (a lazy handshake).
+
+        A handshake that fails or is interrupted cannot be resumed: the stream
+        is broken (as in trio).
+        """
+        if self.conn.handshake_done:
+            return
+        if self._handshake_started:
+            await self._handshake_finished.wait()
+            self.check()
+            return
+        try:
+            await self.handshake()
+        except BaseException as exc:
+            self.mark_broken(None if isinstance(exc, anyio.get_cancelled_exc_class()) else exc)
+            raise
 
     async def read(self, max_bytes: int) -> bytes:
         """Plaintext, or b"" once the peer's close_notify arrived.
@@ -318,6 +439,17 @@ class Driver:
         return got[0] if got else b""
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and send all of ``data``.
+
+        Raises :class:`StreamClosed` after :meth:`send_eof`.  A write cancelled
+        or failing between records breaks the stream (a prefix went out).
+        """
+        if self.eof_sent:
+            raise StreamClosed("can't send data after sending EOF (send_eof)")
+        if self._held:
+            # the tickets go out in front of the first data this server sends
+            self._outq.insert(0, self._held)
+            self._held = b""
         view = memoryview(data).cast("B")
         total = len(view)
         conn = self.conn
@@ -350,7 +482,18 @@ class Driver:
 
         await self._run(Operation.SHUTDOWN, step)
 
-    async def wait_close_notify(self) -> None:
+    async def send_eof(self) -> None:
+        """Send close_notify and keep receiving until the peer's close_notify.
+
+        Idempotent; writes afterwards raise :class:`StreamClosed`.  TLS 1.3
+        makes this a real half-close (the peer may go on sending); TLS 1.2 (RFC
+        5246 7.2.1) expects the peer to answer with its own close_notify at
+        once, but OpenSSL still reads whatever it sends before that.
+        """
+        self.eof_sent = True
+        await self.send_close_notify()
+
+    async def _wait_close_notify(self) -> None:
         """After our close_notify: read until the peer's arrives (trailing data is kept)."""
         conn = self.conn
 
@@ -362,6 +505,29 @@ class Driver:
 
         await self._run(Operation.SHUTDOWN, step)
 
+    async def unwrap(self) -> bytes:
+        """The TLS closing handshake; returns the bytes the peer sent after its close_notify.
+
+        The stream is closed afterwards; those bytes were read from the
+        transport already and are the start of what it carries next.
+        """
+        await self.send_close_notify()
+        await self._wait_close_notify()
+        trailing = self.conn.take_unread_input()
+        self.closed = True
+        return trailing
+
+    async def wait_send_ready(self, wait: Callable[[], Awaitable[None]]) -> None:
+        """Run the transport's ``wait`` (e.g. ``wait_send_all_might_not_block``) in send order."""
+        async with self._send_lock:
+            await wait()
+
+    async def flush(self) -> None:
+        """Send any queued ciphertext."""
+        self._queue_output()
+        if self._outq:
+            await self._flush()
+
     async def drain_pause(self) -> None:
         """Wait (shielded) until no job is paused on this connection."""
         with anyio.CancelScope(shield=True):
@@ -371,7 +537,14 @@ class Driver:
             while self.conn.pending_operation is not None and not self._pause_end.is_set():
                 await self._pause_end.wait()
 
-    def mark_broken(self, exc: BaseException) -> None:
-        if self.broken is None:
-            self.broken = exc
 
+_ANYIO_BREAKING: tuple[type[BaseException], ...] = (
+    TLSError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+
+def _breaking() -> tuple[type[BaseException], ...]:
+    """What breaks a stream: TLS or transport failures (trio's own ones once trio is loaded)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return _ANYIO_BREAKING
+    return (*_ANYIO_BREAKING, trio.BrokenResourceError, trio.ClosedResourceError)

@@ -9,6 +9,7 @@ mnemonic style, e.g. ``CERTIFICATE_VERIFY_FAILED``).
 from __future__ import annotations
 
 import ssl
+from typing import Any, NoReturn
 
 from ._ffi import ffi, lib
 
@@ -73,7 +74,7 @@ class OperationInProgressError(TLSError):
     """Another TLS operation's async job is paused on this connection.
 
     OpenSSL would silently resume the paused job instead of running the new
-    call (DESIGN rule 1), so the call is refused.
+    call (rule 1 of docs/architecture.md), so the call is refused.
     """
 
 
@@ -124,24 +125,48 @@ def drain_queue() -> tuple[tuple[str, str, str], ...]:
 
 
 def error_from_queue(
-    default: str = "TLS error", cls: type[TLSError] = TLSError
+    default: str = "TLS error",
+    cls: type[TLSError] = TLSError,
+    *,
+    context: str | None = None,
+    message: str | None = None,
+    library: str | None = None,
+    reason: str | None = None,
+    **attrs: Any,
 ) -> TLSError:
-    """Build the exception for the current error queue (and empty the queue)."""
+    """Build the exception for this thread's OpenSSL error queue, and empty the queue.
+
+    The one place where exceptions are made from OpenSSL's errors: every
+    entry goes into ``errors``; the message is OpenSSL's outermost reason
+    (with its detail and root cause), or ``default`` when the queue is empty.
+    ``context`` is put in front (``"cannot load ...: <OpenSSL's reason>"``);
+    ``message`` replaces it (for the stdlib's wording of well-known errors).
+    ``library``/``reason`` override what the queue says (for conditions
+    libssl reports only through a return value); ``attrs`` go to ``cls``.
+    """
     errors = drain_queue()
-    if not errors:
-        return cls(default, errors=errors)
-    # the last entry is the outermost (libssl's), the first the root cause
-    lib_name, reason, detail = errors[-1]
-    parts = [f"[{_mnemonic(lib_name)}: {_mnemonic(reason)}] {reason}"]
-    if detail:
-        parts.append(f"({detail})")
-    if len(errors) > 1:
-        root = errors[0]
-        parts.append(f"<- {root[1]}" + (f" ({root[2]})" if root[2] else ""))
-    return cls(" ".join(parts), library=_mnemonic(lib_name), reason=_mnemonic(reason),
-               errors=errors)
+    lib_name = reason_text = None
+    if errors:
+        # the last entry is the outermost (libssl's), the first the root cause
+        lib_name, reason_text, detail = errors[-1]
+        parts = [f"[{_mnemonic(lib_name)}: {_mnemonic(reason_text)}] {reason_text}"]
+        if detail:
+            parts.append(f"({detail})")
+        if len(errors) > 1:
+            root = errors[0]
+            parts.append(f"<- {root[1]}" + (f" ({root[2]})" if root[2] else ""))
+        text = " ".join(parts)
+        if context:
+            text = f"{context}: {text}"
+    else:
+        text = context or default
+    return cls(message if message is not None else text,
+               library=library if library is not None else _mnemonic(lib_name),
+               reason=reason if reason is not None else _mnemonic(reason_text),
+               errors=errors, **attrs)
 
 
-def raise_from_queue(default: str = "TLS error", cls: type[TLSError] = TLSError) -> None:
-    """Raise :func:`error_from_queue` (the single place that raises from OpenSSL)."""
-    raise error_from_queue(default, cls)
+def raise_from_queue(default: str = "TLS error", cls: type[TLSError] = TLSError,
+                     **kwargs: Any) -> NoReturn:
+    """Raise :func:`error_from_queue` (same arguments)."""
+    raise error_from_queue(default, cls, **kwargs)

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 An OpenSSL async job resumes only on the OS thread that started it (rule 3
-of docs/async-mode-notes.md), and while the owning thread is inside OpenSSL
+of docs/architecture.md), and while the owning thread is inside OpenSSL
 (cffi releases the GIL during a step) no other thread may touch that SSL
 object.  So a connection belongs to one thread, the first that uses it.
 

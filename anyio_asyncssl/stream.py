@@ -32,11 +32,14 @@ from anyio.streams.tls import TLSAttribute
 
 from .connection import TLSConnection, TLSSession
 from .context import TLSContext, check_hostname_text, create_default_context
-from .driver import Driver
-from .errors import TLSEOFError, TLSError
+from .driver import Driver, StreamBroken, StreamClosed
+from .errors import TLSEOFError
 from .offload import Offload
 
 __all__ = ["AsyncTLSAttribute", "AsyncTLSListener", "AsyncTLSStream", "connect_tcp"]
+
+# anyio words it "Another task is already <action> this resource"
+_ACTIONS = {"sending": "writing to", "receiving": "reading from"}
 
 
 class AsyncTLSAttribute(anyio.TypedAttributeSet):
@@ -68,9 +71,6 @@ class AsyncTLSStream(ByteStream):
     standard_compatible: bool
     _conn: TLSConnection
     _driver: Driver = field(init=False)
-    _sending: bool = field(default=False, init=False)
-    _receiving: bool = field(default=False, init=False)
-    _closed: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         transport = self.transport_stream
@@ -81,7 +81,8 @@ class AsyncTLSStream(ByteStream):
             except EndOfStream:
                 return b""
 
-        self._driver = Driver(self._conn, transport.send, receive)
+        self._driver = Driver(self._conn, transport.send, receive,
+                              busy_error=lambda what: BusyResourceError(_ACTIONS[what]))
 
     @classmethod
     async def wrap(
@@ -120,54 +121,36 @@ class AsyncTLSStream(ByteStream):
 
     # -- the one error mapping ----------------------------------------------------
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        d = self._driver
-        if self._closed:
-            raise ClosedResourceError
-        if d.broken is not None:
-            raise BrokenResourceError from d.broken
+        """Run a driver operation; its outcomes in anyio's vocabulary."""
         try:
+            self._driver.check()
             return await fn(*args)
+        except StreamClosed as exc:
+            raise ClosedResourceError(str(exc)) from None
+        except StreamBroken as exc:
+            raise BrokenResourceError(f"the TLS stream is broken ({exc})") from None
         except TLSEOFError as exc:
-            d.mark_broken(exc)
             if self.standard_compatible:
                 raise BrokenResourceError from exc
             raise EndOfStream from None
-        except TLSError as exc:
-            d.mark_broken(exc)
-            raise
+        except ssl.SSLError:
+            raise   # TLSError: anyio's TLSStream raises ssl.SSLError too
         except (OSError, BrokenResourceError, ClosedResourceError) as exc:
-            if isinstance(exc, ssl.SSLError):
-                raise
-            d.mark_broken(exc)
             raise BrokenResourceError from exc
 
     # -- ByteStream ---------------------------------------------------------------
     async def receive(self, max_bytes: int = 65536) -> bytes:
         if max_bytes < 1:
             raise ValueError("max_bytes must be a positive integer")
-        if self._receiving:
-            raise BusyResourceError("reading from")
-        self._receiving = True
-        try:
+        with self._driver.receiving:
             data: bytes = await self._call(self._driver.read, max_bytes)
-        finally:
-            self._receiving = False
         if not data:
             raise EndOfStream
         return data
 
     async def send(self, item: bytes) -> None:
-        if self._sending:
-            raise BusyResourceError("writing to")
-        if self._conn.close_notify_sent and not self._closed:
-            # after send_eof(): OpenSSL would fail the write and break the
-            # stream, whose receiving direction is still open
-            raise ClosedResourceError("can't send data after sending EOF")
-        self._sending = True
-        try:
+        with self._driver.sending:
             await self._call(self._driver.write, item)
-        finally:
-            self._sending = False
 
     async def send_eof(self) -> None:
         """Send close_notify and keep receiving until the peer's close_notify.
@@ -177,26 +160,18 @@ class AsyncTLSStream(ByteStream):
         close_notify at once, but OpenSSL still reads whatever the peer sends
         before it, so :meth:`receive` works on either version until then.
         """
-        if self._sending:
-            raise BusyResourceError("writing to")
-        self._sending = True
-        try:
-            await self._call(self._driver.send_close_notify)
-        finally:
-            self._sending = False
+        with self._driver.sending:
+            await self._call(self._driver.send_eof)
 
     async def unwrap(self) -> tuple[AnyByteStream, bytes]:
         """Do the TLS closing handshake; return the transport and bytes read past it."""
-        await self._call(self._driver.send_close_notify)
-        await self._call(self._driver.wait_close_notify)
-        trailing = self._conn.take_unread_input()
-        self._closed = True
+        trailing: bytes = await self._call(self._driver.unwrap)
         return self.transport_stream, trailing
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
         d = self._driver
+        if d.closed:
+            return
         try:
             await d.drain_pause()
             if self.standard_compatible and d.broken is None:
@@ -207,7 +182,7 @@ class AsyncTLSStream(ByteStream):
                     raise
         finally:
             # the SSL object is freed with the stream (attributes stay readable)
-            self._closed = True
+            d.closed = True
         await self.transport_stream.aclose()
 
     # -- attributes -----------------------------------------------------------------

@@ -38,8 +38,6 @@ from __future__ import annotations
 import operator
 import ssl
 from collections.abc import Awaitable, Callable
-from enum import Enum
-from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar
 
 import trio
@@ -47,7 +45,7 @@ from trio.abc import HalfCloseableStream, Listener, Stream
 
 from .connection import AsyncStatus, TLSConnection, TLSSession
 from .context import TLSContext, check_hostname_text, create_default_context
-from .driver import Driver
+from .driver import Driver, StreamBroken, StreamClosed
 
 __all__ = [
     "TrioTLSListener",
@@ -69,33 +67,28 @@ DEFAULT_RECEIVE_SIZE = 65536
 _BREAKING = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-class _State(Enum):
-    OK = "ok"
-    BROKEN = "broken"
-    CLOSED = "closed"
+class _TransportIO:
+    """The driver's view of the transport: ``send(bytes)``, ``receive() -> bytes``.
 
+    Transport calls are counted, so that an operation that did no transport
+    I/O still executes a schedule point (trio's checkpoint rule).  It refers
+    to the transport only, never to the stream.
+    """
 
-class _ConflictDetector:
-    """Raise BusyResourceError when a second task enters (like trio's own)."""
+    __slots__ = ("count", "transport")
 
-    __slots__ = ("_held", "_msg")
+    def __init__(self, transport: Stream) -> None:
+        self.transport = transport
+        self.count = 0
 
-    def __init__(self, msg: str) -> None:
-        self._msg = msg
-        self._held = False
+    async def send(self, data: bytes) -> None:
+        self.count += 1
+        await self.transport.send_all(data)
 
-    def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(self._msg)
-        self._held = True
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._held = False
+    async def receive(self) -> bytes:
+        self.count += 1
+        data = await self.transport.receive_some()
+        return data if isinstance(data, bytes) else bytes(data)
 
 
 def _is_eof(exc: BaseException | None) -> bool:
@@ -104,53 +97,10 @@ def _is_eof(exc: BaseException | None) -> bool:
         "UNEXPECTED_EOF_WHILE_READING" in str(getattr(exc, "reason", None) or ""))
 
 
-def _describe(exc: BaseException | None) -> str | None:
-    if exc is None:
-        return None
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class _TransportIO:
-    """The driver's view of the transport: ``send(bytes)``, ``receive() -> bytes``.
-
-    Transport calls are counted, so that an operation that did no transport
-    I/O still executes a schedule point (trio's checkpoint rule).
-    It also holds back a TLS 1.3 server's session tickets, as trio.SSLStream
-    does: OpenSSL writes them when the server's handshake completes, and a
-    server that insisted on sending them then would wait for a client that
-    may not read before it sends (a deadlock over an unbuffered transport).
-    They go out in front of the next ciphertext this stream sends.
-
-    It refers to the transport and the connection, never to the stream, so a
-    dropped stream is freed by reference counting (unless it failed: the
-    driver keeps the exception that broke it).
-    """
-
-    __slots__ = ("conn", "count", "delayed", "hold_tickets", "transport")
-
-    def __init__(self, transport: Stream, conn: TLSConnection) -> None:
-        self.transport = transport
-        self.conn = conn
-        self.count = 0
-        self.hold_tickets = False
-        self.delayed = b""
-
-    async def send(self, data: bytes) -> None:
-        if self.hold_tickets and self.conn.handshake_done:
-            self.hold_tickets = False
-            if self.conn.version() == "TLSv1.3":
-                self.delayed += data
-                return
-        if self.delayed:
-            data = self.delayed + data
-            self.delayed = b""
-        self.count += 1
-        await self.transport.send_all(data)
-
-    async def receive(self) -> bytes:
-        self.count += 1
-        data = await self.transport.receive_some()
-        return data if isinstance(data, bytes) else bytes(data)
+_BUSY = {
+    "sending": "another task is currently sending data on this TrioTLSStream",
+    "receiving": "another task is currently receiving data on this TrioTLSStream",
+}
 
 
 class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
@@ -186,45 +136,30 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         self.transport_stream: T_Stream = transport_stream
         self._https_compatible = https_compatible
 
-        self._io = _TransportIO(transport_stream, self._conn)
-        self._driver = Driver(self._conn, self._io.send, self._io.receive)
-        self._state = _State.OK
-        self._closing = False
-        self._broken_reason: str | None = None
-        self._handshake_started = False
-        self._handshake_finished = trio.Event()
-        self._eof_sent = False
-        self._send_conflict = _ConflictDetector(
-            "another task is currently sending data on this TrioTLSStream")
-        self._recv_conflict = _ConflictDetector(
-            "another task is currently receiving data on this TrioTLSStream")
+        self._io = _TransportIO(transport_stream)
+        # like trio.SSLStream, a server holds its TLS 1.3 tickets until it sends
+        self._driver = Driver(self._conn, self._io.send, self._io.receive,
+                              hold_session_tickets=True,
+                              busy_error=lambda what: trio.BusyResourceError(_BUSY[what]))
 
-    # -- state and the one error mapping ---------------------------------------
-    def _check_status(self) -> None:
-        if self._state is _State.CLOSED:
-            raise trio.ClosedResourceError("this TrioTLSStream was closed")
-        if self._state is _State.OK and self._driver.broken is None:
-            return
-        self._state = _State.BROKEN
-        reason = self._broken_reason or _describe(self._driver.broken)
-        raise trio.BrokenResourceError(
-            "this TrioTLSStream is broken" + (f" ({reason})" if reason else ""))
-
-    def _mark_broken(self, exc: BaseException | None) -> None:
-        # Only a description is kept: an exception stored on the stream would
-        # hold its traceback's frames, and so the stream, in a reference cycle.
-        if self._state is _State.OK:
-            self._state = _State.BROKEN
-        if exc is not None and self._broken_reason is None:
-            self._broken_reason = _describe(exc)
+    # -- the one error mapping ------------------------------------------------------
+    def _check(self) -> None:
+        try:
+            self._driver.check()
+        except (StreamClosed, StreamBroken) as exc:
+            raise self._translate(exc) from None
 
     def _translate(self, exc: BaseException) -> Exception:
-        """The trio exception for a TLS or transport failure (raise it ``from exc``)."""
+        """The trio exception for a failure (raise it ``from exc`` when it is a cause)."""
+        if isinstance(exc, StreamClosed):
+            return trio.ClosedResourceError("this TrioTLSStream was closed")
+        if isinstance(exc, StreamBroken):
+            return trio.BrokenResourceError(f"this TrioTLSStream is broken ({exc})")
         if isinstance(exc, trio.ClosedResourceError) and (
-                self._closing or self._state is _State.CLOSED):
+                self._driver.closing or self._driver.closed):
             # our own aclose() closed the transport under this operation
             return trio.ClosedResourceError("this TrioTLSStream was closed")
-        self._mark_broken(exc)
+        self._driver.mark_broken(exc)
         return trio.BrokenResourceError(str(exc) or type(exc).__name__)
 
     async def _drive(self, fn: Callable[..., Awaitable[R]], *args: Any) -> R:
@@ -233,6 +168,8 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         mark = self._io.count
         try:
             result = await fn(*args)
+        except (StreamClosed, StreamBroken) as exc:
+            raise self._translate(exc) from None
         except _BREAKING as exc:
             raise self._translate(exc) from exc
         if mark == self._io.count:
@@ -243,24 +180,8 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         return result
 
     async def _ensure_handshake(self) -> None:
-        """Run the handshake once; concurrent callers wait for it."""
-        if self._conn.handshake_done:
-            return
-        if not self._handshake_started:
-            self._handshake_started = True
-            self._io.hold_tickets = self._conn.server_side
-            try:
-                await self._drive(self._driver.handshake)
-            except BaseException:
-                # as in trio: a failed or interrupted handshake cannot be resumed
-                self._mark_broken(None)
-                raise
-            finally:
-                self._io.hold_tickets = False
-                self._handshake_finished.set()
-        else:
-            await self._handshake_finished.wait()
-            self._check_status()
+        if not self._conn.handshake_done:
+            await self._drive(self._driver.ensure_handshake)
 
     # -- trio.abc.HalfCloseableStream --------------------------------------------
     async def do_handshake(self) -> None:
@@ -273,7 +194,7 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         ``ClosedResourceError`` after :meth:`aclose`.  Cancelling it breaks the
         stream, as in trio.
         """
-        self._check_status()
+        self._check()
         if self._conn.handshake_done:
             await trio.lowlevel.checkpoint()
             return
@@ -288,8 +209,8 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         ``ClosedResourceError`` after :meth:`aclose`.  A cancelled receive
         loses no data.
         """
-        with self._recv_conflict:
-            self._check_status()
+        with self._driver.receiving:
+            self._check()
             if max_bytes is None:
                 max_bytes = DEFAULT_RECEIVE_SIZE
             else:
@@ -298,12 +219,6 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
                     raise ValueError("max_bytes must be >= 1")
             try:
                 await self._ensure_handshake()
-            except trio.BrokenResourceError as exc:
-                if self._https_compatible and _is_eof(exc.__cause__):
-                    await trio.lowlevel.checkpoint()
-                    return b""
-                raise
-            try:
                 return await self._drive(self._driver.read, max_bytes)
             except trio.BrokenResourceError as exc:
                 # the stream is broken now either way; https only changes the answer
@@ -320,9 +235,9 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         :meth:`aclose` or :meth:`send_eof`.  A cancelled ``send_all`` may have
         sent part of ``data``, so it breaks the stream (trio's rule).
         """
-        with self._send_conflict:
-            self._check_status()
-            if self._eof_sent:
+        with self._driver.sending:
+            self._check()
+            if self._driver.eof_sent:
                 raise trio.ClosedResourceError("send_eof() was already called")
             await self._ensure_handshake()
             if not data:
@@ -334,18 +249,18 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
                 await self._drive(self._driver.write, data)
             except trio.Cancelled:
                 # how much of data went out is unknown: the byte stream is unusable
-                self._mark_broken(None)
+                self._driver.mark_broken(None)
                 raise
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until the transport is ready for more data (see trio.abc.SendStream)."""
-        with self._send_conflict:
-            self._check_status()
-            async with self._driver._send_lock:
-                try:
-                    await self.transport_stream.wait_send_all_might_not_block()
-                except _BREAKING as exc:
-                    raise self._translate(exc) from exc
+        with self._driver.sending:
+            self._check()
+            try:
+                await self._driver.wait_send_ready(
+                    self.transport_stream.wait_send_all_might_not_block)
+            except _BREAKING as exc:
+                raise self._translate(exc) from exc
 
     async def send_eof(self) -> None:
         """Send close_notify and keep receiving until the peer's close_notify.
@@ -357,14 +272,13 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         works on either version until the peer's close_notify arrives.
         Idempotent; ``send_all`` afterwards raises ``ClosedResourceError``.
         """
-        with self._send_conflict:
-            self._check_status()
-            if self._eof_sent:
+        with self._driver.sending:
+            self._check()
+            if self._driver.eof_sent:
                 await trio.lowlevel.checkpoint()
                 return
             await self._ensure_handshake()
-            self._eof_sent = True
-            await self._drive(self._driver.send_close_notify)
+            await self._drive(self._driver.send_eof)
 
     async def unwrap(self) -> tuple[T_Stream, bytes]:
         """Do the TLS closing handshake and give back the transport.
@@ -374,14 +288,11 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         treat them as the start of what the transport receives next.  The
         stream is closed afterwards (``transport_stream`` is ``None``).
         """
-        with self._recv_conflict, self._send_conflict:
-            self._check_status()
+        with self._driver.receiving, self._driver.sending:
+            self._check()
             await self._ensure_handshake()
-            await self._drive(self._driver.send_close_notify)
-            await self._drive(self._driver.wait_close_notify)
+            trailing = await self._drive(self._driver.unwrap)
             transport_stream = self.transport_stream
-            trailing = self._conn.take_unread_input()
-            self._state = _State.CLOSED
             self.transport_stream = None  # type: ignore[assignment]  # closed: nothing uses it
             return transport_stream, trailing
 
@@ -395,39 +306,33 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         raises ``BrokenResourceError`` (after closing), as in trio.  A
         cancelled ``aclose`` still closes.
         """
-        if self._state is _State.CLOSED:
+        driver = self._driver
+        if driver.closed:
             await trio.lowlevel.checkpoint()
             return
-        self._closing = True
-        driver = self._driver
-        if self._state is _State.BROKEN or driver.broken is not None or self._https_compatible:
-            self._state = _State.CLOSED
-            try:
-                await driver.drain_pause()
-            finally:
-                await self.transport_stream.aclose()
-            return
+        driver.closing = True
         try:
-            await self._ensure_handshake()
-            try:
-                await self._drive(driver.send_close_notify)
-            except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
-                pass  # the peer may be closing at the same time: that is fine
+            if driver.broken is None and not self._https_compatible:
+                await self._ensure_handshake()
+                try:
+                    await self._drive(driver.send_close_notify)
+                except (trio.BrokenResourceError, trio.BusyResourceError,
+                        trio.ClosedResourceError):
+                    pass  # the peer may be closing at the same time: that is fine
         except BaseException:
-            self._state = _State.CLOSED
-            try:
-                await driver.drain_pause()
-            finally:
-                await trio.aclose_forcefully(self.transport_stream)
+            await self._close_transport(forcefully=True)
             raise
-        else:
-            self._state = _State.CLOSED
-            try:
-                await driver.drain_pause()
-            finally:
-                await self.transport_stream.aclose()
+        await self._close_transport(forcefully=False)
+
+    async def _close_transport(self, *, forcefully: bool) -> None:
+        self._driver.closed = True
+        try:
+            await self._driver.drain_pause()
         finally:
-            self._state = _State.CLOSED
+            if forcefully:
+                await trio.aclose_forcefully(self.transport_stream)
+            else:
+                await self.transport_stream.aclose()
 
     # -- forwarded inspection (trio.SSLStream forwards these to its SSLObject) ---
     def _need_handshake(self, name: str) -> TLSConnection:
@@ -505,7 +410,9 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         return self._conn.stats()
 
     def __repr__(self) -> str:
-        return f"<TrioTLSStream {self._state.value} {self._conn!r}>"
+        d = self._driver
+        state = "closed" if d.closed else "broken" if d.broken is not None else "ok"
+        return f"<TrioTLSStream {state} {self._conn!r}>"
 
 
 class TrioTLSListener(Listener[TrioTLSStream[T_Stream]]):

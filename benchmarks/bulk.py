@@ -3,7 +3,7 @@
 One process per peer; a client task sends ``--mib`` MiB in 64 KiB writes over
 loopback TCP to a server task in the same loop that reads it all.  Reported
 as ratios against ``anyio-stdlib`` in the same run.  ``asyncssl-always``
-keeps OpenSSL's async mode on for every record (a job per call, DESIGN rule
+keeps OpenSSL's async mode on for every record (a job per call, docs/architecture.md rule
 10) with no record offload, to show what async mode alone costs.
 
     python benchmarks/bulk.py [--mib 256]
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--mib", type=int, default=256)
     args = p.parse_args()
     sys.path.insert(0, str(HERE.parent))
-    from anyio_asyncssl.cli import generate_self_signed
+    from anyio_asyncssl.selfsigned import generate_self_signed
 
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
     res: dict[str, dict[str, float]] = {}

@@ -159,7 +159,7 @@ def free_port() -> int:
 
 def make_cert(tmp: Path, key: str) -> tuple[str, str]:
     sys.path.insert(0, str(HERE.parent))
-    from anyio_asyncssl.cli import generate_self_signed
+    from anyio_asyncssl.selfsigned import generate_self_signed
 
     kind, bits = ("ec", 256) if key == "p256" else ("rsa", int(key[3:]))
     cert, pem_key = generate_self_signed("localhost", key_type=kind, bits=bits)

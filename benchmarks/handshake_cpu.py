@@ -26,7 +26,7 @@ import anyio  # noqa: E402
 from anyio.streams.tls import TLSStream  # noqa: E402
 
 import anyio_asyncssl as A  # noqa: E402
-from anyio_asyncssl.cli import generate_self_signed  # noqa: E402
+from anyio_asyncssl.selfsigned import generate_self_signed  # noqa: E402
 from anyio_asyncssl.stream import AsyncTLSStream  # noqa: E402
 
 

@@ -136,7 +136,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     sys.path.insert(0, str(HERE.parent))
-    from anyio_asyncssl.cli import generate_self_signed
+    from anyio_asyncssl.selfsigned import generate_self_signed
 
     kind, bits = ("ec", 256) if args.key == "p256" else ("rsa", int(args.key[3:]))
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))

@@ -17,7 +17,7 @@ import anyio
 from anyio.streams.tls import TLSAttribute
 
 from anyio_asyncssl import Offload, TLSContext
-from anyio_asyncssl.cli import generate_self_signed
+from anyio_asyncssl.selfsigned import generate_self_signed
 from anyio_asyncssl.stream import AsyncTLSAttribute, AsyncTLSListener, AsyncTLSStream
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from anyio_asyncssl.cli import generate_self_signed
+from anyio_asyncssl.selfsigned import generate_self_signed
 
 
 def _free_port() -> int:

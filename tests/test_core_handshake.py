@@ -30,7 +30,7 @@ Status = A.Status
 # -- helpers ---------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _no_paused_jobs_left(no_jobs_left: None) -> None:
-    """Every test must leave no job paused and nothing parked (DESIGN rule 4)."""
+    """Every test must leave no job paused and nothing parked (rule 4 of docs/architecture.md)."""
 
 
 def _pair(server_ctx: A.TLSContext, client_ctx: A.TLSContext,

@@ -1,4 +1,4 @@
-"""The rules of OpenSSL async mode (DESIGN.md), each shown on the sans-IO core.
+"""The rules of OpenSSL async mode (docs/architecture.md), each shown on the sans-IO core.
 
 No event loop: connections shuttle bytes in one thread (rule 3 and rule 8 use
 threads of their own on purpose).  The test engine makes jobs pause at will:
@@ -30,7 +30,7 @@ Status = A.Status
 # -- helpers ---------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _no_paused_jobs_left(no_jobs_left: None) -> None:
-    """Every test must leave no job paused and nothing parked (DESIGN rule 4)."""
+    """Every test must leave no job paused and nothing parked (rule 4)."""
 
 
 def _pair(server_ctx: A.TLSContext, client_ctx: A.TLSContext, notify: str = "callback",
@@ -249,7 +249,7 @@ def test_rule3_use_from_another_thread_is_refused(pki: Pki, offload: A.Offload,
 
     # while the job is paused: resuming it elsewhere would crash OpenSSL
     attempts: list[Callable[[], Any]] = [
-        s.do_handshake, s.resume, lambda: s.read(10), lambda: s.write(b"x"),
+        s.do_handshake, lambda: s.read(10), lambda: s.write(b"x"),
         lambda: s.receive_bytes(b"x"), s.bytes_to_send, s.receive_eof,
         s.take_unread_input,
     ]

@@ -9,13 +9,16 @@ status, so a regression fails the test instead of killing the test run.
 from __future__ import annotations
 
 import array
+import gc
 import os
+import select
 import socket
 import ssl
 import subprocess
 import sys
 import textwrap
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,11 +140,13 @@ def test_free_racing_the_owner_inside_openssl_never_crashes(pki: Pki) -> None:
 
 def test_dropping_the_last_reference_on_another_thread_frees_it(pki: Pki) -> None:
     _, s = handshaken_pair(pki)
-    handle = s._h   # what owns the C connection
+    handle = s._handle   # what owns the C connection
+    alive = weakref.ref(s)
     box = [s]
     del s
     _, exc, _ = on_thread(lambda: box.clear())
     assert exc is None
+    assert alive() is None, [type(r) for r in gc.get_referrers(alive())]
     assert handle.conn is None and not handle.parked   # freed there, at once
 
 
@@ -307,6 +312,8 @@ def test_prefork_server_contexts_made_before_fork_serve_in_every_child(pki: Pki)
          str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
+        ready, _, _ = select.select([server.stdout], [], [], 60)
+        assert ready, "the pre-fork server never said its port"
         port = int(server.stdout.readline())
         ctx = ssl.create_default_context(cafile=str(pki.ca_file))
         pids: dict[int, int] = {}
@@ -569,7 +576,7 @@ assert crypto.CRYPTO_set_mem_functions(my_malloc, my_realloc, my_free) == 1, "to
 
 def test_generated_private_key_pem_is_zeroed_before_it_is_freed() -> None:
     proc = run_child(_ALLOC_HOOK + """
-from anyio_asyncssl.cli import generate_self_signed
+from anyio_asyncssl.selfsigned import generate_self_signed
 for kind in ("ec", "rsa"):
     cert, key = generate_self_signed("localhost", key_type=kind, bits=1024)
     assert b"PRIVATE KEY" in key

@@ -922,7 +922,7 @@ def test_cancelled_receive_during_a_paused_read_keeps_the_data(
         with trio.move_on_after(0.005):
             got = await server.receive_some()
         # the deadline came while the read's job was paused: the job was finished
-        # in a shield (DESIGN rule 4), not abandoned
+        # in a shield (rule 4 of docs/architecture.md), not abandoned
         assert server.pauses > pauses
         assert trio.current_time() - start >= 0.025
         assert server.ssl_object.pending_operation is None

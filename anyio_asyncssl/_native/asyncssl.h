@@ -172,7 +172,7 @@ struct asx_conn {
      * Before asx_conn_pin() they point at the thread's shared buffers (set by
      * asx_conn_use_buffers; only for calls outside async mode, which cannot
      * pause); after it, at this connection's own pinned buffers (a paused
-     * job keeps the pointer, DESIGN rule 2). */
+     * job keeps the pointer, rule 2 of docs/architecture.md). */
     unsigned char *read_buf;
     size_t read_cap;
     size_t read_len;          /* length given to the pending read */

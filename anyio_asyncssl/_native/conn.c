@@ -269,7 +269,7 @@ asx_conn *asx_conn_new(SSL_CTX *ctx, int server, size_t read_cap, size_t write_c
     else
         SSL_set_connect_state(c->ssl);
     /* before the first SSL call: libssl copies the callback into the wait
-     * context only when it creates it (DESIGN rule 5) */
+     * context only when it creates it (rule 5 of docs/architecture.md) */
     if (use_callback) {
         SSL_set_async_callback(c->ssl, asx_async_callback);
         SSL_set_async_callback_arg(c->ssl, c);
