@@ -2,13 +2,20 @@
  * asyncssl.h -- the C side of anyio-asyncssl, shared by its .c files and
  * declared again (plain text) in build.py for cffi.
  *
- * Three parts, each with its theory of operation at the top of its file:
- *   pool.c      worker threads, the pause/notify protocol, fault injection
- *   provider.c  the offload provider (keymgmt + signature + RSA decrypt) and
- *               the test record-cipher provider, both OpenSSL 3 providers
- *   conn.c      one SSL* over memory BIOs with pinned buffers, the one-call
- *               step function, the GIL-free async callback and notifier,
- *               and the handshake-time callbacks (ALPN, SNI, keylog) in C
+ * The parts, each with its theory of operation at the top of its file:
+ *   pool.c              worker threads, the pause/notify protocol, fault
+ *                       injection
+ *   provider_core.c     what both OpenSSL 3 providers share: the registry
+ *                       (library context -> pool), the provider context,
+ *                       unloading (providers.h)
+ *   offload_provider.c  the offload provider: keymgmt + signature + RSA
+ *                       decrypt on the worker pool
+ *   test_provider.c     the test record-cipher provider (pausing SSL_read,
+ *                       SSL_write, SSL_shutdown)
+ *   conn.c              one SSL* over memory BIOs with pinned buffers, the
+ *                       one-call step function, the GIL-free async callback
+ *                       and notifier, and the handshake-time callbacks (ALPN,
+ *                       SNI, keylog) in C
  */
 #ifndef ASYNCSSL_H
 #define ASYNCSSL_H
@@ -98,7 +105,7 @@ struct asx_req {
 int asx_run(asx_pool *p, asx_req *q);
 
 /* ------------------------------------------------------------------ */
-/* providers                                                           */
+/* providers (provider_core.c, offload_provider.c, test_provider.c)    */
 /* ------------------------------------------------------------------ */
 /* loads "default" and our offload provider into |libctx|; |pool| serves it */
 int asx_install_offload(OSSL_LIB_CTX *libctx, asx_pool *pool);
@@ -111,8 +118,6 @@ void asx_providers_after_fork_child(void);
 void asx_unload_providers(OSSL_LIB_CTX *libctx);
 /* rebuild a loaded key inside the offload provider's keymgmt */
 EVP_PKEY *asx_wrap_key(OSSL_LIB_CTX *libctx, EVP_PKEY *in);
-/* "asyncssl-offload", "default", ... for a key */
-const char *asx_pkey_provider_name(const EVP_PKEY *pkey);
 /* test-cipher counters: record-cipher calls made inside a job, pauses */
 void asx_cipher_counts(uint64_t *in_job, uint64_t *paused);
 void asx_set_cipher_pause(int on);

@@ -281,7 +281,6 @@ int asx_install_offload(OSSL_LIB_CTX *libctx, asx_pool *pool);
 int asx_register_test_provider(OSSL_LIB_CTX *libctx, const char *name, asx_pool *pool);
 void asx_unload_providers(OSSL_LIB_CTX *libctx);
 EVP_PKEY *asx_wrap_key(OSSL_LIB_CTX *libctx, EVP_PKEY *in);
-const char *asx_pkey_provider_name(const EVP_PKEY *pkey);
 void asx_cipher_counts(uint64_t *in_job, uint64_t *paused);
 void asx_set_cipher_pause(int on);
 
@@ -364,7 +363,15 @@ void asx_free_secret(char *s);
 int asx_cert_uris(X509 *x, int kind, char *buf, size_t cap);
 """
 
-SOURCES = ["pool.c", "provider.c", "conn.c", "certgen.c"]
+SOURCES = [
+    "pool.c",
+    "provider_core.c",
+    "offload_provider.c",
+    "test_provider.c",
+    "conn.c",
+    "certgen.c",
+]
+HEADERS = ["asyncssl.h", "providers.h"]
 
 CFLAGS = [
     "-DOPENSSL_API_COMPAT=30000",
@@ -425,7 +432,7 @@ if __name__ == "__main__":
 
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
-        for src in [*SOURCES, "asyncssl.h"]:
+        for src in [*SOURCES, *HEADERS]:
             os.makedirs(os.path.join(tmp, os.path.relpath(HERE, ROOT)), exist_ok=True)
             shutil.copy(os.path.join(HERE, src), os.path.join(tmp, os.path.relpath(HERE, ROOT)))
         os.chdir(tmp)
