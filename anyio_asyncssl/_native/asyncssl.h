@@ -12,10 +12,14 @@
  *                       decrypt on the worker pool
  *   test_provider.c     the test record-cipher provider (pausing SSL_read,
  *                       SSL_write, SSL_shutdown)
- *   conn.c              one SSL* over memory BIOs with pinned buffers, the
- *                       one-call step function, the GIL-free async callback
- *                       and notifier, and the handshake-time callbacks (ALPN,
- *                       SNI, keylog) in C
+ *   notifier.c          the per-loop notifier (eventfd + completion queue)
+ *                       and the GIL-free async callback
+ *   conn.c              one SSL* over memory BIOs with pinned buffers, and
+ *                       the one-call step function
+ *   ctx_callbacks.c     the handshake-time callbacks (ALPN, SNI, keylog) in
+ *                       C, reading data prepared ahead
+ *   certgen.c           a self-signed certificate for `asyncssl serve`
+ *   certinfo.c          certificate decoding for getpeercert()
  */
 #ifndef ASYNCSSL_H
 #define ASYNCSSL_H
@@ -127,7 +131,7 @@ void asx_set_cipher_pause(int on);
 #define ASX_CIPHER_PROPQ "?asyncssl.cipher=yes"
 
 /* ------------------------------------------------------------------ */
-/* notifier: one per event-loop thread                                 */
+/* notifier: one per event loop (notifier.c)                           */
 /* ------------------------------------------------------------------ */
 typedef struct asx_notifier asx_notifier;
 asx_notifier *asx_notifier_new(size_t capacity);
@@ -140,7 +144,7 @@ long asx_notifier_drain(asx_notifier *n, uint64_t *ids, size_t cap);
 void asx_notifier_post(asx_notifier *n, uint64_t id);
 
 /* ------------------------------------------------------------------ */
-/* connection                                                          */
+/* connection (conn.c)                                                 */
 /* ------------------------------------------------------------------ */
 #define ASX_OP_NONE 0
 #define ASX_OP_HANDSHAKE 1
@@ -218,6 +222,7 @@ void asx_conn_set_async(asx_conn *c, int on);
  * write_buf (write_len). */
 void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen,
               size_t arg, unsigned char *out, size_t outcap, asx_result *r);
+/* the SSL async callback (notifier.c); conn.c installs it, arg: the asx_conn */
 int asx_async_callback(SSL *s, void *arg);
 /* receive_eof(): an empty read BIO now means EOF */
 void asx_conn_set_eof(asx_conn *c);
@@ -227,7 +232,8 @@ size_t asx_conn_take_input(asx_conn *c, unsigned char *out, size_t cap);
 int asx_shared_ciphers(SSL *s, const SSL_CIPHER **out, int cap);
 
 /* ------------------------------------------------------------------ */
-/* context extension: data the handshake callbacks read, prepared ahead */
+/* context extension: data the handshake callbacks read, prepared      */
+/* ahead (ctx_callbacks.c)                                             */
 /* ------------------------------------------------------------------ */
 typedef struct asx_ctx_ext asx_ctx_ext;
 asx_ctx_ext *asx_ctx_ext_new(void);
@@ -244,7 +250,8 @@ int asx_self_signed(const char *common_name, const char *san, const char *key_ty
                     int days, char **cert_pem, char **key_pem);
 /* zero, then free, a secret string OpenSSL allocated (a private key's PEM) */
 void asx_free_secret(char *s);
-/* certgen.c: URIs of AIA (kind 0 OCSP, 1 caIssuers) or CRL distribution points (2) */
+/* certinfo.c: URIs of AIA (kind 0 OCSP, 1 caIssuers) or CRL distribution
+ * points (2), NUL-separated into |buf|; how many, or -1 when |buf| is too small */
 int asx_cert_uris(X509 *x, int kind, char *buf, size_t cap);
 
 #endif

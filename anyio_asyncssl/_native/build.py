@@ -368,8 +368,11 @@ SOURCES = [
     "provider_core.c",
     "offload_provider.c",
     "test_provider.c",
+    "notifier.c",
     "conn.c",
+    "ctx_callbacks.c",
     "certgen.c",
+    "certinfo.c",
 ]
 HEADERS = ["asyncssl.h", "providers.h"]
 
