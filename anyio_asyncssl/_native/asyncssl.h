@@ -6,14 +6,15 @@
  * -----------------------------
  * The lines between a "cffi: begin" and a "cffi: end" marker are what
  * Python sees: build.py gives exactly those lines to cffi's cdef (after the
- * OpenSSL declarations it lists itself).  So they hold only what cffi's
- * parser takes: prototypes, typedefs, structs, "#define NAME <integer>"
- * (cffi checks each value against the compiler's) and comments.  A struct
- * with fields that are C's own keeps them in the "#else" branch of
- * "#ifdef ASX_CFFI": cffi reads the first branch ("...;": the rest of the
- * struct is unknown to it, the compiler supplies the offsets) and the C
- * compiler, which never defines ASX_CFFI, the second.  The rest of this
- * header is for our .c files only.
+ * OpenSSL declarations it lists itself), and stubgen.py types the same
+ * lines for mypy (_openssl.pyi; tests/test_native_boundary.py keeps the two
+ * equal).  So they hold only what cffi's parser takes: prototypes,
+ * typedefs, structs, "#define NAME <integer>" (cffi checks each value
+ * against the compiler's) and comments.  A struct with fields that are C's
+ * own keeps them in the "#else" branch of "#ifdef ASX_CFFI": cffi reads the
+ * first branch ("...;": the rest of the struct is unknown to it, the
+ * compiler supplies the offsets) and the C compiler, which never defines
+ * ASX_CFFI, the second.  The rest of this header is for our .c files only.
  *
  * The parts, each with its theory of operation at the top of its file:
  *   pool.c              worker threads, the pause/notify protocol, fault

@@ -4,9 +4,12 @@ The binding is declared in plain text: the OpenSSL types, constants and
 functions Python uses are listed here (``TYPES``, ``OPENSSL_FUNCS``); our own
 C API is not written here again but read from ``asyncssl.h``, whose lines
 between ``/* cffi: begin */`` and ``/* cffi: end */`` are the cdef
-(:func:`header_cdef`): the header is the one source of the C boundary.  Our
-C lives in ordinary ``.c`` files beside this one (``SOURCES``) and is compiled
-with only non-deprecated OpenSSL 3.0 API.  ``setup.py`` names this module in
+(:func:`header_cdef`): the header is the one source of the C boundary.
+``stubgen.py`` types the same cdef for mypy (``_openssl.pyi``), and
+tests/test_native_boundary.py checks that every ``lib.<name>`` the Python
+code uses is declared and that the stub is current.  Our C lives in ordinary
+``.c`` files beside this one (``SOURCES``) and is compiled with only
+non-deprecated OpenSSL 3.0 API.  ``setup.py`` names this module in
 ``cffi_modules``; ``python anyio_asyncssl/_native/build.py`` builds in place.
 
 Environment: ``ASYNCSSL_SANITIZE=address|undefined|thread`` compiles our C
