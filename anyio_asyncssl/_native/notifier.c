@@ -7,14 +7,14 @@
  * The async callback runs on an engine thread, or inside the job on the loop
  * thread (early notifications).  It takes no GIL and runs no Python: it bumps
  * the connection's wake-up counter, queues the connection id on the
- * notifier's completion queue and writes the notifier's eventfd.  The
- * notifier is per event-loop thread, so a loop waits on one fd however many
+ * notifier's completion queue and writes the notifier's eventfd.  There is
+ * one notifier per event loop, so a loop waits on one fd however many
  * connections it drives.  Wake-ups are level-style and may be early,
  * duplicated or stale: the driver re-checks by retrying.
  *
  * The queue is a mutex-protected array of fixed capacity.  When it is full a
- * post sets the overflow flag instead (the callback must never block or
- * allocate), and the next drain answers -1: every waiter of that loop
+ * post sets the overflow flag instead (the callback neither allocates nor
+ * waits for room), and the next drain answers -1: every waiter of that loop
  * re-checks, so no wake-up is lost.  A drain that leaves ids behind (the
  * caller's buffer was smaller) writes the eventfd again, so it stays
  * readable until the queue is empty.
