@@ -1,14 +1,39 @@
 /*
- * asyncssl.h -- the C side of anyio-asyncssl, shared by its .c files and
- * declared again (plain text) in build.py for cffi.
+ * asyncssl.h -- the C side of anyio-asyncssl: the one declaration of the C
+ * API Python calls, and what our .c files share.
  *
- * Three parts, each with its theory of operation at the top of its file:
- *   pool.c      worker threads, the pause/notify protocol, fault injection
- *   provider.c  the offload provider (keymgmt + signature + RSA decrypt) and
- *               the test record-cipher provider, both OpenSSL 3 providers
- *   conn.c      one SSL* over memory BIOs with pinned buffers, the one-call
- *               step function, the GIL-free async callback and notifier,
- *               and the handshake-time callbacks (ALPN, SNI, keylog) in C
+ * One source for the C boundary
+ * -----------------------------
+ * The lines between a "cffi: begin" and a "cffi: end" marker are what
+ * Python sees: build.py gives exactly those lines to cffi's cdef (after the
+ * OpenSSL declarations it lists itself), and stubgen.py types the same
+ * lines for mypy (_openssl.pyi; tests/test_native_boundary.py keeps the two
+ * equal).  So they hold only what cffi's parser takes: prototypes,
+ * typedefs, structs, "#define NAME <integer>" (cffi checks each value
+ * against the compiler's) and comments.  A struct with fields that are C's
+ * own keeps them in the "#else" branch of "#ifdef ASX_CFFI": cffi reads the
+ * first branch ("...;": the rest of the struct is unknown to it, the
+ * compiler supplies the offsets) and the C compiler, which never defines
+ * ASX_CFFI, the second.  The rest of this header is for our .c files only.
+ *
+ * The parts, each with its theory of operation at the top of its file:
+ *   pool.c              worker threads, the pause/notify protocol, fault
+ *                       injection
+ *   provider_core.c     what both OpenSSL 3 providers share: the registry
+ *                       (library context -> pool), the provider context,
+ *                       unloading (providers.h)
+ *   offload_provider.c  the offload provider: keymgmt + signature + RSA
+ *                       decrypt on the worker pool
+ *   test_provider.c     the test record-cipher provider (pausing SSL_read,
+ *                       SSL_write, SSL_shutdown)
+ *   notifier.c          the per-loop notifier (eventfd + completion queue)
+ *                       and the GIL-free async callback
+ *   conn.c              one SSL* over memory BIOs with pinned buffers, and
+ *                       the one-call step function
+ *   ctx_callbacks.c     the handshake-time callbacks (ALPN, SNI, keylog) in
+ *                       C, reading data prepared ahead
+ *   certgen.c           a self-signed certificate for `asyncssl serve`
+ *   certinfo.c          certificate decoding for getpeercert()
  */
 #ifndef ASYNCSSL_H
 #define ASYNCSSL_H
@@ -19,8 +44,9 @@
 #include <openssl/async.h>
 
 /* ------------------------------------------------------------------ */
-/* worker pool                                                         */
+/* worker pool (pool.c)                                                */
 /* ------------------------------------------------------------------ */
+/* cffi: begin */
 typedef struct asx_pool asx_pool;
 
 typedef struct {
@@ -60,11 +86,13 @@ void asx_pool_close(asx_pool *p);       /* drain, join; later ops run inline */
 /* after fork(), in the child: start the workers the parent's pool had */
 int asx_pool_restart(asx_pool *p);
 void asx_pool_unref(asx_pool *p);
-void asx_pool_ref(asx_pool *p);
 void asx_pool_get_stats(asx_pool *p, asx_pool_stats *out);
 void asx_pool_reset_stats(asx_pool *p);
 void asx_pool_set_faults(asx_pool *p, const asx_faults *f);
 void asx_pool_get_faults(asx_pool *p, asx_faults *f);
+/* cffi: end */
+
+void asx_pool_ref(asx_pool *p);
 int asx_is_worker_thread(void);
 
 /* one offloaded operation; lives on the paused job's stack */
@@ -98,32 +126,32 @@ struct asx_req {
 int asx_run(asx_pool *p, asx_req *q);
 
 /* ------------------------------------------------------------------ */
-/* providers                                                           */
+/* providers (provider_core.c, offload_provider.c, test_provider.c)    */
 /* ------------------------------------------------------------------ */
+/* cffi: begin */
 /* loads "default" and our offload provider into |libctx|; |pool| serves it */
 int asx_install_offload(OSSL_LIB_CTX *libctx, asx_pool *pool);
 /* registers the test record-cipher provider under |name| (load it with
  * OSSL_PROVIDER_load); its pauses go through |pool| */
 int asx_register_test_provider(OSSL_LIB_CTX *libctx, const char *name, asx_pool *pool);
-/* after fork(), in the child (called by pool.c's fork handler) */
-void asx_providers_after_fork_child(void);
 /* unload what we loaded into |libctx| (before OSSL_LIB_CTX_free) */
 void asx_unload_providers(OSSL_LIB_CTX *libctx);
 /* rebuild a loaded key inside the offload provider's keymgmt */
 EVP_PKEY *asx_wrap_key(OSSL_LIB_CTX *libctx, EVP_PKEY *in);
-/* "asyncssl-offload", "default", ... for a key */
-const char *asx_pkey_provider_name(const EVP_PKEY *pkey);
 /* test-cipher counters: record-cipher calls made inside a job, pauses */
 void asx_cipher_counts(uint64_t *in_job, uint64_t *paused);
 void asx_set_cipher_pause(int on);
+/* cffi: end */
+
+/* after fork(), in the child (called by pool.c's fork handler) */
+void asx_providers_after_fork_child(void);
 
 #define ASX_OFFLOAD_PROVIDER "asyncssl-offload"
-#define ASX_SIGN_PROPQ "?asyncssl.sign=yes"
-#define ASX_CIPHER_PROPQ "?asyncssl.cipher=yes"
 
 /* ------------------------------------------------------------------ */
-/* notifier: one per event-loop thread                                 */
+/* notifier: one per event loop (notifier.c)                           */
 /* ------------------------------------------------------------------ */
+/* cffi: begin */
 typedef struct asx_notifier asx_notifier;
 asx_notifier *asx_notifier_new(size_t capacity);
 void asx_notifier_free(asx_notifier *n);
@@ -133,10 +161,15 @@ int asx_notifier_fd(asx_notifier *n);
 long asx_notifier_drain(asx_notifier *n, uint64_t *ids, size_t cap);
 /* push one id and signal, as the callback does (for tests and reaping) */
 void asx_notifier_post(asx_notifier *n, uint64_t id);
+/* cffi: end */
+
+/* the SSL async callback conn.c installs (arg: the asx_conn) */
+int asx_async_callback(SSL *s, void *arg);
 
 /* ------------------------------------------------------------------ */
-/* connection                                                          */
+/* connection (conn.c)                                                 */
 /* ------------------------------------------------------------------ */
+/* cffi: begin */
 #define ASX_OP_NONE 0
 #define ASX_OP_HANDSHAKE 1
 #define ASX_OP_READ 2
@@ -162,25 +195,21 @@ typedef struct {
     size_t out_pending;       /* ciphertext still in the write BIO */
 } asx_result;
 
+/* Python reads the fields before the ASX_CFFI split on every step (and
+ * writes write_len); the rest are C's own. */
 typedef struct asx_conn asx_conn;
 struct asx_conn {
     SSL *ssl;
-    BIO *rbio, *wbio;         /* owned by ssl */
     uint64_t id;
-    asx_notifier *notifier;   /* atomic: read by the callback */
     /* read_buf/write_buf: what the next SSL_read_ex/SSL_write_ex gets.
      * Before asx_conn_pin() they point at the thread's shared buffers (set by
      * asx_conn_use_buffers; only for calls outside async mode, which cannot
      * pause); after it, at this connection's own pinned buffers (a paused
      * job keeps the pointer, rule 2 of docs/architecture.md). */
     unsigned char *read_buf;
-    size_t read_cap;
-    size_t read_len;          /* length given to the pending read */
-    unsigned char *write_buf; /* pinned plaintext buffer for SSL_write_ex */
+    unsigned char *write_buf; /* plaintext for SSL_write_ex */
     size_t write_cap;
     size_t write_len;         /* bytes in write_buf for the pending write */
-    unsigned char *own_read, *own_write;  /* owned, NULL until pinned */
-    size_t pin_read_cap, pin_write_cap;
     int pending_op;           /* the operation whose job is paused */
     int async_mode;           /* SSL_MODE_ASYNC currently on */
     /* counters (the callback's are atomic) */
@@ -190,11 +219,21 @@ struct asx_conn {
     uint64_t want_async;
     uint64_t want_async_job;
     uint64_t retries;
+#ifdef ASX_CFFI
+    ...;
+#else
+    BIO *rbio, *wbio;         /* owned by ssl */
+    asx_notifier *notifier;   /* atomic: read by the callback */
+    size_t read_cap;
+    size_t read_len;          /* length given to the pending read */
+    unsigned char *own_read, *own_write;  /* owned, NULL until pinned */
+    size_t pin_read_cap, pin_write_cap;
     /* errors libssl queued inside a job that then paused (e.g. SSLfatal,
      * then the alert's record encryption paused): kept for the retry */
     unsigned long job_errors[8];
     char *job_error_data[8];  /* their text (malloc'ed), or NULL */
     int njob_errors;
+#endif
 };
 
 asx_conn *asx_conn_new(SSL_CTX *ctx, int server, size_t read_cap, size_t write_cap,
@@ -213,17 +252,19 @@ void asx_conn_set_async(asx_conn *c, int on);
  * write_buf (write_len). */
 void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen,
               size_t arg, unsigned char *out, size_t outcap, asx_result *r);
-int asx_async_callback(SSL *s, void *arg);
 /* receive_eof(): an empty read BIO now means EOF */
 void asx_conn_set_eof(asx_conn *c);
 /* unwrap(): ciphertext the peer sent after its close_notify */
 size_t asx_conn_take_input(asx_conn *c, unsigned char *out, size_t cap);
 /* ciphers both sides offer (server side, after the handshake) */
 int asx_shared_ciphers(SSL *s, const SSL_CIPHER **out, int cap);
+/* cffi: end */
 
 /* ------------------------------------------------------------------ */
-/* context extension: data the handshake callbacks read, prepared ahead */
+/* context extension: data the handshake callbacks read, prepared      */
+/* ahead (ctx_callbacks.c)                                             */
 /* ------------------------------------------------------------------ */
+/* cffi: begin */
 typedef struct asx_ctx_ext asx_ctx_ext;
 asx_ctx_ext *asx_ctx_ext_new(void);
 void asx_ctx_ext_free(asx_ctx_ext *e);
@@ -233,13 +274,20 @@ int asx_ctx_set_alpn(asx_ctx_ext *e, const unsigned char *wire, size_t len);
 int asx_ctx_set_keylog_fd(asx_ctx_ext *e, int fd);
 int asx_ctx_add_sni(asx_ctx_ext *e, const char *hostname, SSL_CTX *ctx);
 uint64_t asx_ctx_sni_hits(asx_ctx_ext *e);
+/* cffi: end */
 
-/* certgen.c: a self-signed certificate (OPENSSL_malloc'ed PEM strings) */
+/* ------------------------------------------------------------------ */
+/* certificates (certgen.c, certinfo.c)                                */
+/* ------------------------------------------------------------------ */
+/* cffi: begin */
+/* a self-signed certificate (OPENSSL_malloc'ed PEM strings) */
 int asx_self_signed(const char *common_name, const char *san, const char *key_type, int bits,
                     int days, char **cert_pem, char **key_pem);
 /* zero, then free, a secret string OpenSSL allocated (a private key's PEM) */
 void asx_free_secret(char *s);
-/* certgen.c: URIs of AIA (kind 0 OCSP, 1 caIssuers) or CRL distribution points (2) */
+/* URIs of AIA (kind 0 OCSP, 1 caIssuers) or CRL distribution points (2),
+ * NUL-separated into |buf|; how many, or -1 when |buf| is too small */
 int asx_cert_uris(X509 *x, int kind, char *buf, size_t cap);
+/* cffi: end */
 
 #endif

@@ -1,0 +1,235 @@
+/*
+ * provider_core.c -- what our two in-process OpenSSL 3 providers share: the
+ * registry that finds a library context's worker pool, the provider context
+ * both start with, and unloading.  Built with only non-deprecated 3.0 API
+ * (-DOPENSSL_API_COMPAT=30000 -DOPENSSL_NO_DEPRECATED).
+ *
+ * Theory of operation
+ * -------------------
+ * OpenSSL 4.0 has no ENGINEs and no custom METHODs, so private-key offload
+ * is a provider.  Both providers (offload_provider.c, test_provider.c) are
+ * registered with OSSL_PROVIDER_add_builtin() into a *private* OSSL_LIB_CTX
+ * (the default library context, which the stdlib ssl module uses, is never
+ * touched) and find their worker pool through a small registry keyed by
+ * that library context.
+ *
+ * The registry holds one entry per library context we installed into, in a
+ * linked list: there is no fixed limit on how many Offloads a process makes.
+ * Lookups happen when a provider is initialised (not per operation), so a
+ * list is fast enough.  An entry also remembers the providers we loaded into
+ * its library context, so asx_unload_providers() unloads exactly those
+ * before the context is freed; a full entry is an error, never a silent drop.
+ *
+ * A provider context starts with an asx_provctx: the library context the
+ * core loaded the provider into (a builtin provider shares this libcrypto,
+ * so that is our OSSL_LIB_CTX), its pool (looked up again when the pool is
+ * attached after the provider was loaded) and the property strings its
+ * algorithms carry.  Operations go through asx_provctx_run(), which is
+ * asx_run() on that pool (pool.c) or the computation inline without one.
+ *
+ * Everything in the providers may run on a job's 32 KiB fibre stack: small
+ * frames only.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <openssl/core_names.h>
+#include <openssl/params.h>
+#include <openssl/provider.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "providers.h"
+
+/* ------------------------------------------------------------------ */
+/* registry: library context -> pool, loaded providers                 */
+/* ------------------------------------------------------------------ */
+#define MAX_LOADED 2          /* "default" and our offload provider */
+typedef struct reg_entry reg_entry;
+struct reg_entry {
+    OSSL_LIB_CTX *libctx;
+    asx_pool *pool;
+    OSSL_PROVIDER *loaded[MAX_LOADED];
+    reg_entry *next;
+};
+static reg_entry *g_reg;
+static pthread_mutex_t g_reg_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* under g_reg_mu; NULL when absent and !create, or out of memory (raised) */
+static reg_entry *reg_find(OSSL_LIB_CTX *libctx, int create)
+{
+    reg_entry *e;
+
+    for (e = g_reg; e != NULL; e = e->next)
+        if (e->libctx == libctx)
+            return e;
+    if (!create)
+        return NULL;
+    if ((e = calloc(1, sizeof(*e))) == NULL) {
+        ERR_raise(ERR_LIB_PROV, ERR_R_MALLOC_FAILURE);
+        return NULL;
+    }
+    e->libctx = libctx;
+    e->next = g_reg;
+    g_reg = e;
+    return e;
+}
+
+static asx_pool *reg_pool(OSSL_LIB_CTX *libctx)
+{
+    asx_pool *p = NULL;
+    reg_entry *e;
+
+    pthread_mutex_lock(&g_reg_mu);
+    if ((e = reg_find(libctx, 0)) != NULL)
+        p = e->pool;
+    pthread_mutex_unlock(&g_reg_mu);
+    return p;
+}
+
+int asx_registry_set_pool(OSSL_LIB_CTX *libctx, asx_pool *pool)
+{
+    reg_entry *e;
+
+    pthread_mutex_lock(&g_reg_mu);
+    e = reg_find(libctx, 1);
+    if (e != NULL && e->pool != pool) {
+        if (pool != NULL)
+            asx_pool_ref(pool);
+        if (e->pool != NULL)
+            asx_pool_unref(e->pool);
+        e->pool = pool;
+    }
+    pthread_mutex_unlock(&g_reg_mu);
+    return e != NULL;
+}
+
+static int reg_remember(OSSL_LIB_CTX *libctx, OSSL_PROVIDER *prov)
+{
+    reg_entry *e;
+    int j, ok = 0;
+
+    pthread_mutex_lock(&g_reg_mu);
+    if ((e = reg_find(libctx, 1)) != NULL)
+        for (j = 0; j < MAX_LOADED && !ok; j++)
+            if (e->loaded[j] == NULL) {
+                e->loaded[j] = prov;
+                ok = 1;
+            }
+    pthread_mutex_unlock(&g_reg_mu);
+    if (!ok && e != NULL)
+        ERR_raise_data(ERR_LIB_PROV, ERR_R_INTERNAL_ERROR,
+                       "anyio-asyncssl: more than %d providers loaded by us", MAX_LOADED);
+    return ok;
+}
+
+int asx_registry_load(OSSL_LIB_CTX *libctx, const char *name)
+{
+    OSSL_PROVIDER *prov = OSSL_PROVIDER_load(libctx, name);
+
+    if (prov == NULL) {
+        ERR_raise_data(ERR_LIB_PROV, ERR_R_INIT_FAIL,
+                       "anyio-asyncssl: could not load the provider %s", name);
+        return 0;
+    }
+    if (!reg_remember(libctx, prov)) {
+        OSSL_PROVIDER_unload(prov);
+        return 0;
+    }
+    return 1;
+}
+
+void asx_unload_providers(OSSL_LIB_CTX *libctx)
+{
+    reg_entry **pp, *e = NULL;
+    int j;
+
+    pthread_mutex_lock(&g_reg_mu);
+    for (pp = &g_reg; *pp != NULL; pp = &(*pp)->next)
+        if ((*pp)->libctx == libctx) {
+            e = *pp;
+            *pp = e->next;
+            break;
+        }
+    pthread_mutex_unlock(&g_reg_mu);
+    if (e == NULL)
+        return;
+    for (j = MAX_LOADED - 1; j >= 0; j--)
+        if (e->loaded[j] != NULL)
+            OSSL_PROVIDER_unload(e->loaded[j]);
+    if (e->pool != NULL)
+        asx_pool_unref(e->pool);
+    free(e);
+}
+
+/* after fork(), in the child (pool.c's fork handler): a thread of the
+ * parent may have held a lock */
+void asx_providers_after_fork_child(void)
+{
+    pthread_mutex_init(&g_reg_mu, NULL);
+    asx_test_provider_after_fork_child();
+}
+
+/* ------------------------------------------------------------------ */
+/* provider context                                                    */
+/* ------------------------------------------------------------------ */
+void *asx_provctx_new(size_t size, const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
+                      const char *op_property)
+{
+    OSSL_FUNC_core_get_libctx_fn *get_libctx = NULL;
+    OSSL_FUNC_core_get_params_fn *get_params = NULL;
+    const char *name = NULL;
+    OSSL_PARAM req[2];
+    asx_provctx *p;
+    int n, m;
+
+    for (; in->function_id != 0; in++) {
+        if (in->function_id == OSSL_FUNC_CORE_GET_LIBCTX)
+            get_libctx = OSSL_FUNC_core_get_libctx(in);
+        else if (in->function_id == OSSL_FUNC_CORE_GET_PARAMS)
+            get_params = OSSL_FUNC_core_get_params(in);
+    }
+    if (get_libctx == NULL || get_params == NULL) {
+        ERR_raise_data(ERR_LIB_PROV, ERR_R_INVALID_PROVIDER_FUNCTIONS,
+                       "anyio-asyncssl: the core offers no get_libctx or get_params");
+        return NULL;
+    }
+    req[0] = OSSL_PARAM_construct_utf8_ptr(OSSL_PROV_PARAM_CORE_PROV_NAME, (char **)&name, 0);
+    req[1] = OSSL_PARAM_construct_end();
+    if (!get_params(handle, req) || name == NULL) {
+        ERR_raise_data(ERR_LIB_PROV, PROV_R_FAILED_TO_GET_PARAMETER,
+                       "anyio-asyncssl: the core did not say the provider's name");
+        return NULL;
+    }
+    if ((p = OPENSSL_zalloc(size)) == NULL) {
+        ERR_raise(ERR_LIB_PROV, ERR_R_MALLOC_FAILURE);
+        return NULL;
+    }
+    /* a builtin provider shares this libcrypto: the core's library context
+     * is the OSSL_LIB_CTX we were loaded into */
+    p->libctx = (OSSL_LIB_CTX *)get_libctx(handle);
+    p->pool = reg_pool(p->libctx);
+    n = snprintf(p->name_props, sizeof(p->name_props), "provider=%s", name);
+    /* user-defined property names need a '.' (property_parse.c) */
+    m = snprintf(p->op_props, sizeof(p->op_props), "provider=%s,%s", name, op_property);
+    if (n < 0 || (size_t)n >= sizeof(p->name_props) || m < 0 || (size_t)m >= sizeof(p->op_props)) {
+        ERR_raise_data(ERR_LIB_PROV, ERR_R_PASSED_INVALID_ARGUMENT,
+                       "anyio-asyncssl: provider name too long (%zu bytes): %.40s...",
+                       strlen(name), name);
+        OPENSSL_free(p);
+        return NULL;
+    }
+    return p;
+}
+
+int asx_provctx_run(asx_provctx *p, asx_req *q)
+{
+    /* the pool may be attached after the provider was loaded */
+    if (p->pool == NULL)
+        p->pool = reg_pool(p->libctx);
+    if (p->pool == NULL)
+        return q->fn(q);
+    return asx_run(p->pool, q);
+}
