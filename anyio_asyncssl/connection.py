@@ -52,6 +52,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import itertools
+import os
 import threading
 from typing import Any
 
@@ -66,6 +67,7 @@ from .errors import (
     TLSEOFError,
     TLSError,
     WrongThreadError,
+    drain_queue,
     error_from_queue,
 )
 from .parking import connection_counters, current_thread_serial, reap_parked
@@ -119,7 +121,12 @@ _asx_step = lib.asx_step
 _NULL = ffi.NULL
 _OP_READ = lib.ASX_OP_READ
 _WANT_ASYNC = lib.ASX_WANT_ASYNC
-_FAILURES = frozenset((lib.ASX_EOF, lib.ASX_ERROR))  # statuses that raise
+_FAILURES = frozenset((lib.ASX_EOF, lib.ASX_ERROR, lib.ASX_TRANSPORT_ERROR))  # these raise
+_OP_WRITE = lib.ASX_OP_WRITE
+_OP_NONE = lib.ASX_OP_NONE
+#: outside async mode a write goes to OpenSSL straight from the caller's
+#: buffer, at most this much per step (bounds one step's time on the loop)
+DIRECT_WRITE_MAX = 256 * 1024
 _ASYNC_ERR = lib.ASYNC_STATUS_ERR
 _ids = itertools.count(1)
 
@@ -286,6 +293,7 @@ class TLSConnection:
         self._engine_failed = False
         self._handshake_done = False
         self._pinned = False
+        self._native_socket = False
         self._notifier: Any = None
         self.async_mode = context.async_mode
         ssl_ = conn.ssl
@@ -366,6 +374,30 @@ class TLSConnection:
             "on the thread that started them, and OpenSSL objects are not shared between "
             "threads")
 
+    def attach_socket(self, fd: int, prefix: Any = b"") -> None:
+        """Let OpenSSL read and write the non-blocking socket ``fd`` itself (native path).
+
+        ``prefix``: bytes the transport had already read from it.  Before the
+        first operation only; afterwards operations may also answer
+        ``WANT_WRITE`` (wait until ``fd`` is writable) and raise ``OSError``
+        when the socket fails.  :meth:`receive_bytes` and :meth:`bytes_to_send`
+        have nothing to do; the caller keeps ``fd`` open while the connection
+        lives.
+        """
+        c = self._owned()
+        if self._handshake_done or c.pending_op or self._native_socket:
+            raise ValueError("attach_socket() must come before the first operation")
+        cbuf = ffi.from_buffer(prefix)   # its len() is the size in bytes
+        lib.ERR_clear_error()
+        if not lib.asx_conn_use_socket(c, fd, cbuf, len(cbuf)):
+            raise error_from_queue("could not attach the socket")
+        self._native_socket = True
+
+    def forget_socket(self) -> None:
+        """The socket's fd is being closed: later operations fail (EBADF), never reuse it."""
+        if self._native is not _FREED:
+            lib.asx_conn_forget_socket(self._native)
+
     def attach_notifier(self, notifier: Any) -> None:
         """Post this connection's wake-ups to ``notifier`` (a :class:`Notifier`)."""
         c = self._owned()
@@ -415,6 +447,12 @@ class TLSConnection:
         return _STATUS[status]
 
     def _raise_error(self, op: int, status: int) -> None:
+        if status == lib.ASX_TRANSPORT_ERROR:
+            # the socket failed (native path): the transport's error, as a
+            # socket stream would raise it
+            errno = int(self._handle.result.sys_errno)
+            drain_queue()
+            raise OSError(errno, os.strerror(errno))
         last = lib.ERR_peek_last_error()
         is_ssl = last and lib.ERR_GET_LIB(last) == lib.ERR_LIB_SSL
         reason = lib.ERR_GET_REASON(last) if is_ssl else 0
@@ -497,6 +535,21 @@ class TLSConnection:
         """
         c = self._owned()  # before touching the pinned buffer: the owner may be inside SSL_write
         view = memoryview(data).cast("B")   # TypeError for non-contiguous buffers
+        if not c.async_mode and c.pending_op == _OP_NONE:
+            # no job can pause: OpenSSL reads the caller's bytes in place and
+            # keeps nothing of them once the call returns
+            if view.nbytes > DIRECT_WRITE_MAX:
+                view = view[:DIRECT_WRITE_MAX]
+            cbuf = ffi.from_buffer(view)   # its len() is the size in bytes
+            if not len(cbuf):
+                return Status.DONE, 0
+            c.write_buf = ffi.cast("unsigned char *", cbuf)
+            c.write_len = len(cbuf)
+            try:
+                st = self._step(_OP_WRITE, incoming, 0)
+            finally:
+                c.write_buf = _NULL
+            return st, (int(self._handle.result.result) if st is Status.DONE else 0)
         if c.pending_op == lib.ASX_OP_WRITE:
             n = c.write_len
             if bytes(view[:n]) != ffi.buffer(c.write_buf, n)[:]:

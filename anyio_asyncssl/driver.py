@@ -62,6 +62,7 @@ import anyio
 from .connection import AsyncStatus, Operation, Status, TLSConnection
 from .dispatch import LoopDispatcher, current_dispatcher
 from .errors import AsyncEngineError, TLSError
+from .sockets import SocketIO
 
 __all__ = ["Driver", "StreamBroken", "StreamBusy", "StreamClosed", "describe"]
 
@@ -131,10 +132,16 @@ class Driver:
         *,
         hold_session_tickets: bool = False,
         busy_error: Callable[[str], Exception] = StreamBusy,
+        sock: SocketIO | None = None,
     ) -> None:
         self.conn = conn
         self._send = send
         self._receive = receive
+        # the native path: OpenSSL does the socket I/O, we only wait on the fd
+        self.sock = sock
+        if sock is not None:
+            conn.attach_socket(sock.fd, sock.prefix)
+            sock.on_close = conn.forget_socket
         self._hold_tickets = hold_session_tickets and conn.server_side
         self._held: bytes = b""   # session tickets not sent yet
         # the state both faces share
@@ -160,6 +167,9 @@ class Driver:
         self._fds: set[int] = set()
         self.transport_eof = False
         self.pauses = 0
+        #: waits on the transport, the fd or the engine so far: an operation
+        #: that did none never yielded to other tasks (the faces then do)
+        self.io_events = 0
 
     # -- state -------------------------------------------------------------------
     def check(self) -> None:
@@ -183,6 +193,9 @@ class Driver:
         return d
 
     async def _run(self, op: int, step: Callable[[bytes], Status]) -> Status:
+        # an operation cancelled before it starts does nothing: on the native
+        # path a step does its I/O at once, before any await could raise
+        await anyio.lowlevel.checkpoint_if_cancelled()
         try:
             return await self._retry(op, step)
         except _breaking() as exc:
@@ -192,6 +205,7 @@ class Driver:
 
     async def _retry(self, op: int, step: Callable[[bytes], Status]) -> Status:
         conn = self.conn
+        sock = self.sock
         d = self._dispatcher or self._bind()
         incoming = b""
         while True:
@@ -209,6 +223,10 @@ class Driver:
                 await self._pause_end.wait()
                 c = conn._native
                 pending = c.pending_op
+            if sock is not None and not sock.alive:
+                # the transport's socket was closed under us
+                sock.close()
+                raise anyio.ClosedResourceError("the transport's socket was closed")
             before = int(c.wakeups)
             try:
                 status = step(incoming)
@@ -226,6 +244,10 @@ class Driver:
             if status is Status.DONE or status is Status.CLOSED:
                 return status
             if status is Status.WANT_READ:
+                if sock is not None:
+                    self.io_events += 1
+                    await sock.readable()
+                    continue
                 if self._outq and not self._send_lock.locked():
                     # a send cancelled before its flush left its ciphertext
                     # queued: send it before waiting for a peer who may be
@@ -233,12 +255,16 @@ class Driver:
                     # _queue_output)
                     await self._flush()
                 incoming = await self._receive_some()
+            elif status is Status.WANT_WRITE and sock is not None:
+                self.io_events += 1
+                await sock.writable()
             elif status is Status.WANT_ASYNC_JOB:
                 await d.wait_for_job(_JOB_WAIT_MAX)
 
     async def _finish_job(self, step: Callable[[bytes], Status], before: int) -> Status:
         """A job is paused: wait for the engine and retry until it has finished."""
         self.pauses += 1
+        self.io_events += 1
         self._pause_end = pause_end = anyio.Event()
         status = Status.WANT_ASYNC
         eagain_delay = _EAGAIN_FIRST
@@ -330,6 +356,7 @@ class Driver:
         return True
 
     async def _flush(self) -> None:
+        self.io_events += 1
         async with self._send_lock:
             # the queue is sent in order by whoever holds the lock; empty when
             # an earlier holder already took what we queued.  The holder also
@@ -346,6 +373,7 @@ class Driver:
                     raise
 
     async def _receive_some(self) -> bytes:
+        self.io_events += 1
         async with self._recv_lock:
             if self.transport_eof:
                 self.conn.receive_eof()
@@ -471,6 +499,10 @@ class Driver:
                 # encrypted and will reach the peer, the rest never will
                 self.mark_broken(exc)
             raise
+        # all of it is out (or queued): a cancellation that came meanwhile
+        # (held back by a pause's shield) is raised now, after the fact, as a
+        # socket stream's send raises one that came while it drained
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def send_close_notify(self) -> None:
         """Send our close_notify once (no waiting for the peer's)."""
@@ -515,6 +547,7 @@ class Driver:
         await self._wait_close_notify()
         trailing = self.conn.take_unread_input()
         self.closed = True
+        self.release_socket()   # the transport is the caller's again
         return trailing
 
     async def wait_send_ready(self, wait: Callable[[], Awaitable[None]]) -> None:
@@ -527,6 +560,11 @@ class Driver:
         self._queue_output()
         if self._outq:
             await self._flush()
+
+    def release_socket(self) -> None:
+        """Close what the native path owns (our dup of an asyncio transport's fd)."""
+        if self.sock is not None:
+            self.sock.close()
 
     async def drain_pause(self) -> None:
         """Wait (shielded) until no job is paused on this connection."""

@@ -35,6 +35,7 @@ from .context import TLSContext, check_hostname_text, create_default_context
 from .driver import Driver, StreamBroken, StreamClosed
 from .errors import TLSEOFError
 from .offload import Offload
+from .sockets import SocketIO, take_over
 
 __all__ = ["AsyncTLSAttribute", "AsyncTLSListener", "AsyncTLSStream", "connect_tcp"]
 
@@ -70,6 +71,7 @@ class AsyncTLSStream(ByteStream):
     transport_stream: AnyByteStream
     standard_compatible: bool
     _conn: TLSConnection
+    _sock: SocketIO | None = None
     _driver: Driver = field(init=False)
 
     def __post_init__(self) -> None:
@@ -81,7 +83,7 @@ class AsyncTLSStream(ByteStream):
             except EndOfStream:
                 return b""
 
-        self._driver = Driver(self._conn, transport.send, receive,
+        self._driver = Driver(self._conn, transport.send, receive, sock=self._sock,
                               busy_error=lambda what: BusyResourceError(_ACTIONS[what]))
 
     @classmethod
@@ -95,8 +97,14 @@ class AsyncTLSStream(ByteStream):
         standard_compatible: bool = True,
         session: TLSSession | None = None,
         ssl_context: TLSContext | None = None,
+        native_socket: bool = True,
     ) -> AsyncTLSStream:
         """Wrap ``transport_stream`` and do the TLS handshake.
+
+        When ``transport_stream`` is one of anyio's socket streams (and
+        ``native_socket`` is true), OpenSSL reads and writes the socket
+        itself: no ciphertext passes through Python.  Other streams (memory
+        streams, TLS in TLS, your own) go through memory BIOs.
 
         ``server_side`` defaults to ``not hostname``; without ``context`` a
         secure default is made (``ssl_context`` is accepted as an alias, as in
@@ -114,17 +122,29 @@ class AsyncTLSStream(ByteStream):
         conn = TLSConnection(ctx, server_side=server_side,
                              server_hostname=None if server_side else hostname,
                              session=session)
+        sock = take_over(transport_stream) if native_socket else None
         stream = cls(transport_stream=transport_stream, standard_compatible=standard_compatible,
-                     _conn=conn)
-        await stream._call(stream._driver.handshake)
+                     _conn=conn, _sock=sock)
+        try:
+            await stream._call(stream._driver.handshake)
+        except BaseException:
+            stream._driver.release_socket()
+            raise
         return stream
 
     # -- the one error mapping ----------------------------------------------------
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a driver operation; its outcomes in anyio's vocabulary."""
+        d = self._driver
         try:
-            self._driver.check()
-            return await fn(*args)
+            d.check()
+            mark = d.io_events
+            result = await fn(*args)
+            if mark == d.io_events:
+                # it never waited (the native path, data already there): let
+                # other tasks run, as every anyio stream operation does
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+            return result
         except StreamClosed as exc:
             raise ClosedResourceError(str(exc)) from None
         except StreamBroken as exc:
@@ -183,6 +203,7 @@ class AsyncTLSStream(ByteStream):
         finally:
             # the SSL object is freed with the stream (attributes stay readable)
             d.closed = True
+            d.release_socket()
         await self.transport_stream.aclose()
 
     # -- attributes -----------------------------------------------------------------

@@ -46,6 +46,7 @@ from trio.abc import HalfCloseableStream, Listener, Stream
 from .connection import AsyncStatus, TLSConnection, TLSSession
 from .context import TLSContext, check_hostname_text, create_default_context
 from .driver import Driver, StreamBroken, StreamClosed
+from .sockets import take_over
 
 __all__ = [
     "TrioTLSListener",
@@ -128,6 +129,7 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         server_side: bool = False,
         https_compatible: bool = False,
         session: TLSSession | None = None,
+        native_socket: bool = True,
     ) -> None:
         if isinstance(server_hostname, bytes):
             server_hostname = server_hostname.decode("ascii")
@@ -137,8 +139,10 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         self._https_compatible = https_compatible
 
         self._io = _TransportIO(transport_stream)
+        # a trio.SocketStream: OpenSSL does the socket I/O itself
+        sock = take_over(transport_stream) if native_socket else None
         # like trio.SSLStream, a server holds its TLS 1.3 tickets until it sends
-        self._driver = Driver(self._conn, self._io.send, self._io.receive,
+        self._driver = Driver(self._conn, self._io.send, self._io.receive, sock=sock,
                               hold_session_tickets=True,
                               busy_error=lambda what: trio.BusyResourceError(_BUSY[what]))
 
@@ -165,19 +169,23 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
     async def _drive(self, fn: Callable[..., Awaitable[R]], *args: Any) -> R:
         """Run one driver operation as a trio checkpoint, mapping its failures."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        mark = self._io.count
+        mark = self._io_events()
         try:
             result = await fn(*args)
         except (StreamClosed, StreamBroken) as exc:
             raise self._translate(exc) from None
         except _BREAKING as exc:
             raise self._translate(exc) from exc
-        if mark == self._io.count:
+        if mark == self._io_events():
             # no transport I/O (which always yields): the operation may have
             # completed from buffered data, or after a pause whose engine had
             # already finished, without a schedule point
             await trio.lowlevel.cancel_shielded_checkpoint()
         return result
+
+    def _io_events(self) -> int:
+        """Transport calls and waits so far (each one a schedule point)."""
+        return self._io.count + self._driver.io_events
 
     async def _ensure_handshake(self) -> None:
         if not self._conn.handshake_done:
@@ -329,6 +337,7 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         try:
             await self._driver.drain_pause()
         finally:
+            self._driver.release_socket()
             if forcefully:
                 await trio.aclose_forcefully(self.transport_stream)
             else:

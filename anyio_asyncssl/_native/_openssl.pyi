@@ -62,6 +62,7 @@ class asx_result(CData):
     result: int
     out_len: int
     out_pending: int
+    sys_errno: int
 
 class asx_conn(CData):
     """``asx_conn *``: the fields Python may use (the others are C's own)."""
@@ -279,6 +280,7 @@ class _Lib:
     ASX_EOF: int
     ASX_ERROR: int
     ASX_WANT_WRITE: int
+    ASX_TRANSPORT_ERROR: int
 
     # ours (asyncssl.h): functions
     def asx_pool_new(self, nworkers: int, /) -> asx_pool: ...
@@ -342,6 +344,15 @@ class _Lib:
         r: asx_result,
         /,
     ) -> None: ...
+    def asx_conn_use_socket(
+        self,
+        c: asx_conn,
+        fd: int,
+        prefix: CData | bytes,
+        len: int,
+        /,
+    ) -> int: ...
+    def asx_conn_forget_socket(self, c: asx_conn, /) -> None: ...
     def asx_conn_set_eof(self, c: asx_conn, /) -> None: ...
     def asx_conn_take_input(self, c: asx_conn, out: CData, cap: int, /) -> int: ...
     def asx_shared_ciphers(self, s: CData, out: CData, cap: int, /) -> int: ...

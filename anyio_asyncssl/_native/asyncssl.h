@@ -183,7 +183,8 @@ int asx_async_callback(SSL *s, void *arg);
 #define ASX_CLOSED 4          /* close_notify received */
 #define ASX_EOF 5             /* transport EOF without close_notify */
 #define ASX_ERROR 6           /* see the error queue */
-#define ASX_WANT_WRITE 7      /* never with memory BIOs; kept for completeness */
+#define ASX_WANT_WRITE 7      /* the socket takes no more now (never with memory BIOs) */
+#define ASX_TRANSPORT_ERROR 8 /* the socket failed: sys_errno */
 
 typedef struct {
     int status;               /* ASX_* above */
@@ -193,6 +194,7 @@ typedef struct {
     size_t result;            /* bytes read or written */
     size_t out_len;           /* ciphertext copied to out */
     size_t out_pending;       /* ciphertext still in the write BIO */
+    int sys_errno;            /* ASX_TRANSPORT_ERROR: the socket's errno */
 } asx_result;
 
 /* Python reads the fields before the ASX_CFFI split on every step (and
@@ -233,6 +235,10 @@ struct asx_conn {
     unsigned long job_errors[8];
     char *job_error_data[8];  /* their text (malloc'ed), or NULL */
     int njob_errors;
+    BIO *sock;                /* the socket BIO on the native path (else NULL) */
+    int deferred_status;      /* a read that failed after returning data: its
+                               * status, reported by the next read (job_errors
+                               * keep its error queue) */
 #endif
 };
 
@@ -252,6 +258,13 @@ void asx_conn_set_async(asx_conn *c, int on);
  * write_buf (write_len). */
 void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen,
               size_t arg, unsigned char *out, size_t outcap, asx_result *r);
+/* the native path: OpenSSL reads and writes |fd| (non-blocking) itself,
+ * starting with |prefix| (bytes the transport had read already); before the
+ * handshake only.  0: no memory (error queued) */
+int asx_conn_use_socket(asx_conn *c, int fd, const unsigned char *prefix, size_t len);
+/* the socket's fd is closed (or about to be): later steps fail with EBADF
+ * instead of touching a number the kernel may hand to another file */
+void asx_conn_forget_socket(asx_conn *c);
 /* receive_eof(): an empty read BIO now means EOF */
 void asx_conn_set_eof(asx_conn *c);
 /* unwrap(): ciphertext the peer sent after its close_notify */
@@ -264,6 +277,14 @@ int asx_shared_ciphers(SSL *s, const SSL_CIPHER **out, int cap);
 /* context extension: data the handshake callbacks read, prepared      */
 /* ahead (ctx_callbacks.c)                                             */
 /* ------------------------------------------------------------------ */
+/* sockbio.c: a BIO over a non-blocking socket fd (C only) */
+#define ASX_SOCKBIO_CAP 65536
+BIO *asx_sockbio_new(int fd, const unsigned char *prefix, size_t prefix_len);
+void asx_sockbio_release_idle(BIO *b);
+size_t asx_sockbio_take(BIO *b, unsigned char *out, size_t cap);
+int asx_sockbio_errno(BIO *b);
+void asx_sockbio_forget(BIO *b);
+void asx_sockbio_counts(BIO *b, uint64_t *recvs, uint64_t *sends);
 /* cffi: begin */
 typedef struct asx_ctx_ext asx_ctx_ext;
 asx_ctx_ext *asx_ctx_ext_new(void);

@@ -269,6 +269,7 @@ SOURCES = [
     "test_provider.c",
     "notifier.c",
     "conn.c",
+    "sockbio.c",
     "ctx_callbacks.c",
     "certgen.c",
     "certinfo.c",

@@ -28,6 +28,23 @@
  * The wake-ups of a paused job come through the async callback installed
  * here (notifier.c); the connection only holds the notifier pointer and the
  * counters the callback bumps.
+ *
+ * Two data paths, one step.  Over memory BIOs (any transport) the step feeds
+ * the ciphertext Python passes in and copies out what OpenSSL wrote.  On the
+ * native path (asx_conn_use_socket, a kernel socket) OpenSSL reads and
+ * writes the socket through sockbio.c: nothing to feed or drain, and a step
+ * may also answer WANT_WRITE (the socket is full) or TRANSPORT_ERROR (the
+ * socket failed; its errno, not a TLS error).
+ *
+ * Outside async mode (no job can pause) a read decrypts every record that
+ * has already arrived, up to the caller's size, in this one call, and a
+ * write takes the caller's buffer as it is (Python points write_buf at it
+ * for the call; OpenSSL keeps nothing of it once the call returns, and
+ * SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER lets a WANT_WRITE retry come with the
+ * same bytes at another address).  A read that fails after it already
+ * produced data returns the data; the failure (status and error queue) is
+ * kept and is the next read's answer, since a second SSL_read after a fatal
+ * error would not say why.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -139,6 +156,8 @@ asx_conn *asx_conn_new(SSL_CTX *ctx, int server, size_t read_cap, size_t write_c
     }
     /* an empty read BIO means "no data yet" until receive_eof() */
     BIO_set_mem_eof_return(c->rbio, -1);
+    /* a WANT_WRITE retry may come with the same bytes at another address */
+    SSL_set_mode(c->ssl, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     SSL_set_bio(c->ssl, c->rbio, c->wbio);
     /* free the ~17 KiB record buffers of idle connections, as CPython's ssl does */
     SSL_set_mode(c->ssl, SSL_MODE_RELEASE_BUFFERS);
@@ -217,19 +236,113 @@ void asx_conn_set_async(asx_conn *c, int on)
     c->async_mode = on;
 }
 
+int asx_conn_use_socket(asx_conn *c, int fd, const unsigned char *prefix, size_t len)
+{
+    BIO *b = asx_sockbio_new(fd, prefix, len);
+
+    if (b == NULL)
+        return 0;
+    /* one reference for both directions; frees the memory BIOs */
+    SSL_set_bio(c->ssl, b, b);
+    c->rbio = c->wbio = NULL;
+    c->sock = b;
+    return 1;
+}
+
+void asx_conn_forget_socket(asx_conn *c)
+{
+    if (c->sock != NULL)
+        asx_sockbio_forget(c->sock);
+}
+
 void asx_conn_set_eof(asx_conn *c)
 {
-    BIO_set_mem_eof_return(c->rbio, 0);
+    if (c->rbio != NULL)      /* the socket BIO sees the peer's EOF itself */
+        BIO_set_mem_eof_return(c->rbio, 0);
+}
+
+/* classify a finished (not paused) call: r->ssl_error and r->status */
+static void classify_failure(asx_conn *c, int ret, asx_result *r)
+{
+    r->ssl_error = SSL_get_error(c->ssl, ret);
+    if (c->njob_errors > 0 && (r->ssl_error == SSL_ERROR_SSL
+                               || r->ssl_error == SSL_ERROR_SYSCALL)) {
+        /* the job ended in failure: put back what it queued before
+         * pausing, ahead of anything queued since */
+        job_errors_restore(c);
+        r->ssl_error = SSL_ERROR_SSL;
+    }
+    job_errors_clear(c);
+    switch (r->ssl_error) {
+    case SSL_ERROR_WANT_READ:
+        r->status = ASX_WANT_READ;
+        break;
+    case SSL_ERROR_WANT_WRITE:
+        r->status = ASX_WANT_WRITE;
+        break;
+    case SSL_ERROR_WANT_ASYNC:
+        r->status = ASX_WANT_ASYNC;
+        c->want_async++;
+        if (!SSL_get_async_status(c->ssl, &r->async_status))
+            r->async_status = ASYNC_STATUS_UNSUPPORTED;
+        break;
+    case SSL_ERROR_WANT_ASYNC_JOB:
+        r->status = ASX_WANT_ASYNC_JOB;
+        c->want_async_job++;
+        break;
+    case SSL_ERROR_ZERO_RETURN:
+        r->status = ASX_CLOSED;
+        break;
+    case SSL_ERROR_SYSCALL:
+        r->status = ERR_peek_error() == 0 ? ASX_EOF : ASX_ERROR;
+        break;
+    default:
+        r->status = ASX_ERROR;
+    }
+    if ((r->status == ASX_ERROR || r->status == ASX_EOF) && c->sock != NULL
+        && (r->sys_errno = asx_sockbio_errno(c->sock)) != 0)
+        r->status = ASX_TRANSPORT_ERROR;
+}
+
+/* outside async mode: after a read that produced data, decrypt the records
+ * that have already arrived too (no syscall, no pause) */
+static size_t read_more(asx_conn *c, size_t n)
+{
+    BIO *in = c->sock != NULL ? c->sock : c->rbio;
+
+    while (n < c->read_len && (SSL_pending(c->ssl) > 0 || BIO_ctrl_pending(in) > 0)) {
+        size_t more = 0;
+        int ret = SSL_read_ex(c->ssl, c->read_buf + n, c->read_len - n, &more);
+
+        if (ret > 0) {
+            n += more;
+            continue;
+        }
+        if (SSL_get_error(c->ssl, ret) != SSL_ERROR_WANT_READ) {
+            /* the data read so far goes back now; this failure is the next
+             * read's answer (with its error queue, kept as a job's is) */
+            asx_result later;
+
+            memset(&later, 0, sizeof(later));
+            classify_failure(c, ret, &later);
+            if (later.status != ASX_CLOSED) {
+                c->deferred_status = later.status;
+                job_errors_save(c);
+            }
+        }
+        break;
+    }
+    return n;
 }
 
 void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t arg,
               unsigned char *out, size_t outcap, asx_result *r)
 {
-    size_t n = 0, pending;
+    size_t n = 0, pending = 0;
     int ret = 1;
 
     memset(r, 0, sizeof(*r));
-    while (inlen > 0) {       /* memory BIO writes never fail short */
+    while (inlen > 0 && c->rbio != NULL) {   /* memory BIO writes never fail short */
         int chunk = inlen > 0x40000000 ? 0x40000000 : (int)inlen;
         int w = BIO_write(c->rbio, in, chunk);
 
@@ -238,7 +351,15 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
         in += w;
         inlen -= (size_t)w;
     }
-    if (op != ASX_OP_NONE) {
+    if (op == ASX_OP_READ && c->deferred_status != 0 && c->pending_op == ASX_OP_NONE) {
+        /* the failure read_more() met after the data it returned */
+        r->status = c->deferred_status;
+        c->deferred_status = 0;
+        ERR_clear_error();
+        job_errors_restore(c);
+        if (r->status == ASX_TRANSPORT_ERROR)
+            r->sys_errno = asx_sockbio_errno(c->sock);
+    } else if (op != ASX_OP_NONE) {
         if (c->pending_op == op)
             c->retries++;
         else
@@ -257,6 +378,8 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
             if (c->pending_op != ASX_OP_READ)
                 c->read_len = arg < c->read_cap ? arg : c->read_cap;
             ret = SSL_read_ex(c->ssl, c->read_buf, c->read_len, &n);
+            if (ret > 0 && !c->async_mode)
+                n = read_more(c, n);
             break;
         case ASX_OP_WRITE:
             if (c->write_buf == NULL) {
@@ -276,7 +399,8 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
         if (ret > 0 || (op == ASX_OP_SHUTDOWN && ret == 0)) {
             r->status = ASX_DONE;
             r->result = (op == ASX_OP_READ || op == ASX_OP_WRITE) ? n : (size_t)ret;
-            job_errors_clear(c);
+            if (c->deferred_status == 0)
+                job_errors_clear(c);
         } else if (SSL_waiting_for_async(c->ssl)) {
             /* A job is paused, whatever SSL_get_error() says: it looks at the
              * error queue first, and libssl may have queued an error inside
@@ -291,43 +415,13 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
                 r->async_status = ASYNC_STATUS_UNSUPPORTED;
             job_errors_save(c);
         } else {
-            r->ssl_error = SSL_get_error(c->ssl, ret);
-            if (c->njob_errors > 0 && (r->ssl_error == SSL_ERROR_SSL
-                                       || r->ssl_error == SSL_ERROR_SYSCALL)) {
-                /* the job ended in failure: put back what it queued before
-                 * pausing, ahead of anything queued since */
-                job_errors_restore(c);
-                r->ssl_error = SSL_ERROR_SSL;
-            }
-            job_errors_clear(c);
-            switch (r->ssl_error) {
-            case SSL_ERROR_WANT_READ:
-                r->status = ASX_WANT_READ;
-                break;
-            case SSL_ERROR_WANT_WRITE:
-                r->status = ASX_WANT_WRITE;
-                break;
-            case SSL_ERROR_WANT_ASYNC:
-                r->status = ASX_WANT_ASYNC;
-                c->want_async++;
-                if (!SSL_get_async_status(c->ssl, &r->async_status))
-                    r->async_status = ASYNC_STATUS_UNSUPPORTED;
-                break;
-            case SSL_ERROR_WANT_ASYNC_JOB:
-                r->status = ASX_WANT_ASYNC_JOB;
-                c->want_async_job++;
-                break;
-            case SSL_ERROR_ZERO_RETURN:
-                r->status = ASX_CLOSED;
-                break;
-            case SSL_ERROR_SYSCALL:
-                r->status = ERR_peek_error() == 0 ? ASX_EOF : ASX_ERROR;
-                break;
-            default:
-                r->status = ASX_ERROR;
-            }
+            classify_failure(c, ret, r);
         }
         c->pending_op = r->status == ASX_WANT_ASYNC ? op : ASX_OP_NONE;
+    }
+    if (c->sock != NULL) {
+        asx_sockbio_release_idle(c->sock);
+        return;
     }
     pending = BIO_ctrl_pending(c->wbio);
     if (pending > 0 && outcap > 0) {
@@ -358,7 +452,11 @@ int asx_shared_ciphers(SSL *s, const SSL_CIPHER **out, int cap)
 
 size_t asx_conn_take_input(asx_conn *c, unsigned char *out, size_t cap)
 {
-    size_t pending = BIO_ctrl_pending(c->rbio);
+    size_t pending;
+
+    if (c->sock != NULL)
+        return asx_sockbio_take(c->sock, out, cap);
+    pending = BIO_ctrl_pending(c->rbio);
     int got;
 
     if (pending == 0 || cap == 0)
