@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 try:
-    from ._native._openssl import ffi as _ffi
-    from ._native._openssl import lib as _lib
+    # typed by _native/_openssl.pyi, generated from asyncssl.h (stubgen.py)
+    from ._native._openssl import ffi as ffi
+    from ._native._openssl import lib as lib
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(
         "anyio_asyncssl: the compiled OpenSSL binding is missing or cannot load "
         f"({exc}). Install with the system OpenSSL >= 3.0 headers present "
         "(Debian: apt-get install libssl-dev) and reinstall the package."
     ) from exc
-
-ffi: Any = _ffi
-lib: Any = _lib
 
 OPENSSL_VERSION_NUMBER: int = int(lib.OpenSSL_version_num())
 OPENSSL_VERSION: str = ffi.string(lib.OpenSSL_version(0)).decode()

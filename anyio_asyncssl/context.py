@@ -6,7 +6,7 @@ Everything that can run during a handshake is prepared here, in Python,
 before any connection exists: passwords are resolved, keys are decoded and
 (with offload) rebuilt inside our provider, the ALPN list is encoded to wire
 format, SNI certificates become child SSL_CTXs.  The callbacks libssl calls
-during a handshake (ALPN select, SNI, keylog) are C functions in conn.c that
+during a handshake (ALPN select, SNI, keylog) are C functions in ctx_callbacks.c that
 read that prepared data: no Python runs inside an OpenSSL call, where it
 could be on a 32 KiB job stack (rule 6 of docs/architecture.md).  Certificate and host-name
 verification are OpenSSL's own (``SSL_set1_host``), with no verify callback.
@@ -175,9 +175,9 @@ class _ExtHandle:
             raise MemoryError
 
     def __del__(self) -> None:
-        if getattr(self, "ptr", None) is not None:
-            lib.asx_ctx_ext_free(self.ptr)
-            self.ptr = None
+        ptr = self.__dict__.pop("ptr", None)
+        if ptr is not None:
+            lib.asx_ctx_ext_free(ptr)
 
 
 class TLSContext:
@@ -209,7 +209,7 @@ class TLSContext:
         self._offload = offload
         self._property_query = offload.property_query if offload is not None else None
         self._ext = _ExtHandle()
-        self._applied: list[Callable[[Any], None]] = []
+        self._applied: list[Callable[[Any], object]] = []
         self._children: list[_CtxHandle] = []  # SNI contexts
         self._handle = self._new_ssl_ctx()
         self._verify_mode = ssl.CERT_NONE
@@ -256,7 +256,7 @@ class TLSContext:
         if ok != 1:
             raise_from_queue(context=message)
 
-    def _apply(self, fn: Callable[[Any], None]) -> None:
+    def _apply(self, fn: Callable[[Any], object]) -> None:
         """Run a setting on the SSL_CTX and record it for rebuilds."""
         lib.ERR_clear_error()
         fn(self._handle.ptr)

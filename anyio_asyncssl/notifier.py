@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The C async callback (conn.c) runs on an engine's worker thread, or inside a
+The C async callback (notifier.c) runs on an engine's worker thread, or inside a
 job on the loop thread.  It must not take the GIL, so it only bumps the
 connection's wake-up counter, appends the connection's id to the notifier's
 completion queue (a mutex-protected array in C) and writes the eventfd.  An

@@ -16,8 +16,9 @@ import atexit
 import os
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ._ffi import ffi, lib
 from .errors import TLSError, error_from_queue, raise_from_queue
@@ -48,6 +49,10 @@ class OffloadStats:
     min_stack_headroom: int  # bytes of fibre stack left in our code (-1: never in a job)
 
 
+WorkerPriority = Literal["low", "idle", "normal"]
+_PRIORITIES: dict[WorkerPriority, int] = {
+    "normal": lib.ASX_WORKERS_NORMAL, "low": lib.ASX_WORKERS_LOW, "idle": lib.ASX_WORKERS_IDLE}
+
 _live: weakref.WeakSet[Offload] = weakref.WeakSet()
 # the C entry that installs our providers (a module global, so a test can fail it)
 _install_offload = lib.asx_install_offload
@@ -56,16 +61,30 @@ _install_offload = lib.asx_install_offload
 class Offload:
     """Worker-thread offload of private-key operations (an OpenSSL provider).
 
-    ``workers`` defaults to the number of CPUs.  ``close()`` drains queued
-    operations and joins the threads; it also runs at interpreter exit.
-    Operations that arrive after ``close()`` are computed inline.
+    ``workers`` defaults to the number of CPUs.  ``priority``: how the
+    workers are scheduled, so that they never take the event loop's core:
+    ``"low"`` (default: nice 19, so a busy loop thread always preempts them),
+    ``"idle"`` (``SCHED_IDLE``: they run only on a CPU nothing else wants;
+    on a machine saturated by other work, signatures may then wait long) or
+    ``"normal"``.  ``cpus``: the CPUs the workers may run on (default: any).
+    The loop thread is never changed.
+
+    ``close()`` drains queued operations and joins the threads; it also runs
+    at interpreter exit.  Operations that arrive after ``close()`` are
+    computed inline.
     """
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, *, priority: WorkerPriority = "low",
+                 cpus: Iterable[int] | None = None) -> None:
         if workers is None:
             workers = os.cpu_count() or 1
         if workers < 0:
             raise ValueError("workers must be >= 0")
+        if priority not in _PRIORITIES:
+            raise ValueError(f"priority must be one of {sorted(_PRIORITIES)}, not {priority!r}")
+        cpu_list = sorted(set(cpus)) if cpus is not None else []
+        if any(not 0 <= c < 1024 for c in cpu_list):
+            raise ValueError(f"cpus must be CPU numbers, got {cpu_list}")
         self._lock = threading.Lock()
         self._closed = False
         # set only once everything exists: a failed __init__ leaves __del__
@@ -73,7 +92,8 @@ class Offload:
         self._pool: Any = None
         self._libctx: Any = None
         lib.ERR_clear_error()
-        pool = lib.asx_pool_new(workers)
+        cpu_array = ffi.new("int[]", cpu_list or [0])
+        pool = lib.asx_pool_new(workers, _PRIORITIES[priority], cpu_array, len(cpu_list))
         if pool == ffi.NULL:
             raise MemoryError("could not start the offload worker pool")
         libctx = lib.OSSL_LIB_CTX_new()
@@ -108,6 +128,12 @@ class Offload:
     def workers(self) -> int:
         """Worker threads serving operations now (0 after :meth:`close`)."""
         return int(lib.asx_pool_workers(self._pool))
+
+    @property
+    def priority(self) -> WorkerPriority:
+        """How the workers run (``"normal"`` when the system refused to lower them)."""
+        got = int(lib.asx_pool_priority(self._pool))
+        return next(name for name, value in _PRIORITIES.items() if value == got)
 
     @property
     def providers(self) -> tuple[str, ...]:

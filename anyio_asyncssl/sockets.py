@@ -44,7 +44,21 @@ from typing import Any
 
 import anyio
 
-__all__ = ["SocketIO", "take_over"]
+__all__ = ["SocketIO", "kernel_tls_available", "take_over"]
+
+
+def kernel_tls_available() -> bool:
+    """Whether this kernel offers kTLS (the ``tls`` TCP upper-layer protocol).
+
+    Reported, not used: kTLS needs OpenSSL's own socket BIO, and ours keeps
+    unwrap's trailing bytes and the transport's buffered ones, which
+    OpenSSL's read-ahead would swallow.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_ulp") as f:
+            return "tls" in f.read().split()
+    except OSError:
+        return False
 
 
 class SocketIO:

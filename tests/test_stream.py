@@ -93,6 +93,29 @@ def memory_pipe(buffer: float = math.inf) -> tuple[MemoryByteStream, MemoryByteS
 
 
 @dataclass(eq=False)
+class PassThrough(ByteStream):
+    """Any other byte stream over a socket: TLS then goes through memory BIOs."""
+
+    inner: ByteStream
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self.inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    @property
+    def extra_attributes(self) -> Any:
+        return self.inner.extra_attributes
+
+
+@dataclass(eq=False)
 class ControlledStream(ByteStream):
     """Wraps a transport: can hold sends at a gate, and can fail on demand."""
 
@@ -134,12 +157,15 @@ async def transport_pair(kind: str) -> AsyncIterator[tuple[ByteStream, ByteStrea
     """(client end, server end) of a fresh transport; both closed on exit."""
     client: ByteStream
     server: ByteStream
-    if kind == "tcp":
+    if kind in ("tcp", "tcp-membio"):
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as multi:
             listener: Any = multi.listeners[0]
             port = listener.extra(SocketAttribute.local_port)
             client = await anyio.connect_tcp("127.0.0.1", port)
             server = await listener.accept()
+        if kind == "tcp-membio":
+            # a stream we do not recognise as a socket: the memory-BIO path
+            client, server = PassThrough(client), PassThrough(server)
     elif kind == "socketpair":
         a, b = socket.socketpair()
         client = await UNIXSocketStream.from_socket(a)
@@ -267,7 +293,7 @@ async def echo_once(client: Any, server: Any, payload: bytes) -> None:
 # ==================================================================================
 # echo: transports x offload x key type x TLS version
 # ==================================================================================
-@pytest.mark.parametrize("transport", ["tcp", "memory", "socketpair"])
+@pytest.mark.parametrize("transport", ["tcp", "tcp-membio", "memory", "socketpair"])
 @pytest.mark.parametrize("use_offload", [True, False], ids=["offload", "inline"])
 @pytest.mark.parametrize("kind", ["rsa", "ec"])
 @pytest.mark.parametrize("version", [V12, V13], ids=["tls12", "tls13"])
@@ -357,7 +383,7 @@ async def test_connect_tcp_verifies_the_host_name(pki: Pki) -> None:
 # ==================================================================================
 # the stdlib ssl module as the peer
 # ==================================================================================
-@pytest.mark.parametrize("transport", ["tcp", "memory"])
+@pytest.mark.parametrize("transport", ["tcp", "tcp-membio", "memory"])
 @pytest.mark.parametrize("kind", ["rsa", "ec"])
 @pytest.mark.parametrize("version", [V12, V13], ids=["tls12", "tls13"])
 async def test_our_client_against_stdlib_server(pki: Pki, transport: str, kind: str,
@@ -388,7 +414,7 @@ async def test_our_client_against_stdlib_server(pki: Pki, transport: str, kind: 
                 await client.aclose()
 
 
-@pytest.mark.parametrize("transport", ["tcp", "memory"])
+@pytest.mark.parametrize("transport", ["tcp", "tcp-membio", "memory"])
 @pytest.mark.parametrize("use_offload", [True, False], ids=["offload", "inline"])
 @pytest.mark.parametrize("version", [V12, V13], ids=["tls12", "tls13"])
 async def test_our_server_against_stdlib_client(pki: Pki, engine: TestEngine,
@@ -458,7 +484,7 @@ async def test_our_client_against_blocking_stdlib_server_thread(pki: Pki) -> Non
 # ==================================================================================
 # full duplex, busy errors
 # ==================================================================================
-@pytest.mark.parametrize("transport", ["tcp", "memory", "memory-bounded"])
+@pytest.mark.parametrize("transport", ["tcp", "tcp-membio", "memory", "memory-bounded"])
 @pytest.mark.parametrize("mode", ["offload", "inline", "record-pauses"])
 @pytest.mark.parametrize("version", [V12, V13], ids=["tls12", "tls13"])
 async def test_full_duplex(pki: Pki, engine: TestEngine, offload: A.Offload, transport: str,
@@ -876,7 +902,7 @@ async def test_transport_failure_during_the_handshake(pki: Pki, engine: TestEngi
             assert isinstance(outcome[side].__cause__, ConnectionResetError)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "memory"])
+@pytest.mark.parametrize("transport", ["tcp", "tcp-membio", "memory"])
 async def test_aclose_forcefully_skips_the_closing_handshake(pki: Pki, transport: str) -> None:
     with anyio.fail_after(TIMEOUT):
         async with connected(pki, transport) as (client, server):
@@ -1292,7 +1318,7 @@ async def test_listener_default_handler_logs(pki: Pki, caplog: pytest.LogCapture
 # ==================================================================================
 # TLS in TLS, send_eof, sessions
 # ==================================================================================
-@pytest.mark.parametrize("transport", ["tcp", "memory"])
+@pytest.mark.parametrize("transport", ["tcp", "tcp-membio", "memory"])
 async def test_tls_in_tls(pki: Pki, engine: TestEngine, offload: A.Offload,
                           transport: str) -> None:
     """trio's test_ssl_over_ssl: an AsyncTLSStream as the transport of another."""

@@ -267,6 +267,9 @@ class _Lib:
     def OPENSSL_free(self, arg0: CData, /) -> None: ...
 
     # ours (asyncssl.h): constants
+    ASX_WORKERS_NORMAL: int
+    ASX_WORKERS_LOW: int
+    ASX_WORKERS_IDLE: int
     ASX_OP_NONE: int
     ASX_OP_HANDSHAKE: int
     ASX_OP_READ: int
@@ -283,7 +286,15 @@ class _Lib:
     ASX_TRANSPORT_ERROR: int
 
     # ours (asyncssl.h): functions
-    def asx_pool_new(self, nworkers: int, /) -> asx_pool: ...
+    def asx_pool_new(
+        self,
+        nworkers: int,
+        priority: int,
+        cpus: CData,
+        ncpus: int,
+        /,
+    ) -> asx_pool: ...
+    def asx_pool_priority(self, p: asx_pool, /) -> int: ...
     def asx_pool_workers(self, p: asx_pool, /) -> int: ...
     def asx_pool_close(self, p: asx_pool, /) -> None: ...
     def asx_pool_restart(self, p: asx_pool, /) -> int: ...

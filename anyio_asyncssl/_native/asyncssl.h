@@ -80,7 +80,14 @@ typedef struct {
     int max_queue;           /* queue length that counts as full (0: none) */
 } asx_faults;
 
-asx_pool *asx_pool_new(int nworkers);
+/* how workers are scheduled: they must never take the loop's core */
+#define ASX_WORKERS_NORMAL 0  /* like any thread */
+#define ASX_WORKERS_LOW 1     /* nice 19: a busy loop thread always preempts them */
+#define ASX_WORKERS_IDLE 2    /* SCHED_IDLE: they run only on an otherwise idle CPU */
+/* |cpus|: the CPUs workers may run on (|ncpus| 0: any) */
+asx_pool *asx_pool_new(int nworkers, int priority, const int *cpus, size_t ncpus);
+/* the priority the workers run at (as asked, or NORMAL if refused) */
+int asx_pool_priority(asx_pool *p);
 int asx_pool_workers(asx_pool *p);
 void asx_pool_close(asx_pool *p);       /* drain, join; later ops run inline */
 /* after fork(), in the child: start the workers the parent's pool had */

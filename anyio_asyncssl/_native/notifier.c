@@ -18,6 +18,13 @@
  * re-checks, so no wake-up is lost.  A drain that leaves ids behind (the
  * caller's buffer was smaller) writes the eventfd again, so it stays
  * readable until the queue is empty.
+ *
+ * Wake-ups are batched: a post writes the eventfd only when nothing was
+ * posted since the loop's last drain (the "signalled" flag, under the
+ * mutex), so a burst of completions costs the workers one write and the
+ * loop one wake-up.  The drain reads the eventfd before it takes the
+ * mutex: a post that finds the flag still set lands in the queue before
+ * the drain copies it out, and one after the drain signals again.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -41,6 +48,7 @@ struct asx_notifier {
     uint64_t *ids;
     size_t cap, count;
     int overflow;
+    int signalled;        /* the eventfd was written since the last drain */
 };
 
 asx_notifier *asx_notifier_new(size_t capacity)
@@ -82,14 +90,21 @@ void asx_notifier_post(asx_notifier *n, uint64_t id)
     uint64_t one = 1;
     ssize_t w;
 
+    int signal;
+
     pthread_mutex_lock(&n->mu);
     if (n->count < n->cap)
         n->ids[n->count++] = id;
     else
         n->overflow = 1;
+    /* one eventfd write per drain, however many completions come first */
+    signal = !n->signalled;
+    n->signalled = 1;
     pthread_mutex_unlock(&n->mu);
-    w = write(n->efd, &one, sizeof(one));
-    (void)w;
+    if (signal) {
+        w = write(n->efd, &one, sizeof(one));
+        (void)w;
+    }
 }
 
 long asx_notifier_drain(asx_notifier *n, uint64_t *ids, size_t cap)
@@ -100,6 +115,7 @@ long asx_notifier_drain(asx_notifier *n, uint64_t *ids, size_t cap)
 
     (void)r;
     pthread_mutex_lock(&n->mu);
+    n->signalled = 0;     /* posts from now on signal again */
     if (n->overflow) {
         n->overflow = 0;
         n->count = 0;
@@ -116,6 +132,7 @@ long asx_notifier_drain(asx_notifier *n, uint64_t *ids, size_t cap)
             ssize_t w = write(n->efd, &one, sizeof(one));
 
             (void)w;
+            n->signalled = 1;
         }
     }
     pthread_mutex_unlock(&n->mu);

@@ -48,6 +48,7 @@
 #include <openssl/crypto.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -71,6 +72,10 @@ struct asx_pool {
     pthread_t *threads;
     int refs;                /* atomic */
     int want_workers;        /* as asked at creation: what a forked child restarts */
+    int priority;            /* ASX_WORKERS_* */
+    int priority_refused;    /* a worker could not lower itself (atomic) */
+    cpu_set_t cpus;          /* where workers may run */
+    int pin;                 /* cpus is set */
     asx_faults faults;       /* under mu */
     asx_pool_stats st;
     asx_pool *next_pool;     /* every live pool, for the fork handlers (g_pools_mu) */
@@ -203,11 +208,34 @@ static void complete(asx_pool *p, asx_req *q, int ret, unsigned long err)
     __atomic_store_n(&q->released, 1, __ATOMIC_RELEASE);
 }
 
+/* a worker lowers itself (never the loop thread): when the machine is busy
+ * the event loop always wins, and signatures use what the loop leaves */
+static void schedule_worker(asx_pool *p)
+{
+    int ok = 1;
+
+    if (p->priority == ASX_WORKERS_IDLE) {
+        struct sched_param sp;
+
+        memset(&sp, 0, sizeof(sp));
+        ok = pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp) == 0;
+    } else if (p->priority == ASX_WORKERS_LOW) {
+        /* on Linux a thread id names one thread: only this worker is niced */
+        ok = setpriority(PRIO_PROCESS, (id_t)gettid(), 19) == 0;
+    }
+    if (!ok)
+        __atomic_store_n(&p->priority_refused, 1, __ATOMIC_RELAXED);
+    if (p->pin)
+        pthread_setaffinity_np(pthread_self(), sizeof(p->cpus), &p->cpus);
+    pthread_setname_np(pthread_self(), "asyncssl-work");
+}
+
 static void *worker_main(void *arg)
 {
     asx_pool *p = arg;
 
     tl_worker = 1;
+    schedule_worker(p);
     for (;;) {
         asx_req *q;
         int ret, latency_us;
@@ -311,7 +339,13 @@ int asx_pool_restart(asx_pool *p)
     return n;
 }
 
-asx_pool *asx_pool_new(int nworkers)
+int asx_pool_priority(asx_pool *p)
+{
+    return __atomic_load_n(&p->priority_refused, __ATOMIC_RELAXED) ? ASX_WORKERS_NORMAL
+                                                                    : p->priority;
+}
+
+asx_pool *asx_pool_new(int nworkers, int priority, const int *cpus, size_t ncpus)
 {
     asx_pool *p = calloc(1, sizeof(*p));
 
@@ -331,6 +365,13 @@ asx_pool *asx_pool_new(int nworkers)
         return NULL;
     }
     p->want_workers = nworkers;
+    p->priority = priority;
+    CPU_ZERO(&p->cpus);
+    for (size_t i = 0; i < ncpus; i++)
+        if (cpus[i] >= 0 && cpus[i] < CPU_SETSIZE) {
+            CPU_SET(cpus[i], &p->cpus);
+            p->pin = 1;
+        }
     pthread_once(&g_atfork_once, atfork_register);
     pthread_mutex_lock(&g_pools_mu);
     p->next_pool = g_pools;
