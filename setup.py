@@ -2,4 +2,4 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["anyio_asyncssl/_native/build.py:ffibuilder"])
+setup(cffi_modules=["src/anyio_asyncssl/_native/build.py:ffibuilder"])

@@ -20,7 +20,7 @@ from anyio_asyncssl._native._openssl import ffi as compiled_ffi
 from anyio_asyncssl._native._openssl import lib as compiled_lib
 
 ROOT = Path(__file__).resolve().parent.parent
-PYTHON_TREES = ("anyio_asyncssl", "tests", "benchmarks", "examples")
+PYTHON_TREES = ("src/anyio_asyncssl", "tests", "benchmarks", "examples")
 LIB_NAME = re.compile(r"\blib\.([A-Za-z_]\w*)")
 
 
@@ -43,8 +43,8 @@ def used_names() -> dict[str, list[str]]:
 def test_the_committed_stub_is_what_the_header_generates() -> None:
     committed = Path(stubgen.STUB).read_text(encoding="utf-8")
     assert committed == stubgen.generate(), (
-        "anyio_asyncssl/_native/_openssl.pyi is stale: "
-        "run python anyio_asyncssl/_native/stubgen.py")
+        "src/anyio_asyncssl/_native/_openssl.pyi is stale: "
+        "run python src/anyio_asyncssl/_native/stubgen.py")
 
 
 def test_every_lib_name_the_python_code_uses_is_declared() -> None:

@@ -10,7 +10,7 @@ tests/test_native_boundary.py checks that every ``lib.<name>`` the Python
 code uses is declared and that the stub is current.  Our C lives in ordinary
 ``.c`` files beside this one (``SOURCES``) and is compiled with only
 non-deprecated OpenSSL 3.0 API.  ``setup.py`` names this module in
-``cffi_modules``; ``python anyio_asyncssl/_native/build.py`` builds in place.
+``cffi_modules``; ``python src/anyio_asyncssl/_native/build.py`` builds in place.
 
 Environment: ``ASYNCSSL_SANITIZE=address|undefined|thread`` compiles our C
 with AddressSanitizer, UndefinedBehaviorSanitizer (any report aborts) or
@@ -26,7 +26,7 @@ import sys
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))  # the project (src layout)
 
 TYPES = """
 typedef ... SSL_CTX;
