@@ -413,9 +413,15 @@ async def test_cancelled_handshakes_leave_nothing_behind(pki: Pki, offload: A.Of
     engine.set(latency_ms=8)
     rnd = random.Random(5)
     ctx = _pausing_server_ctx(pki, offload, engine)
-    started = time.monotonic()
+    # deadlines scale with a whole round's duration under the current load: the
+    # shortest of three (the first pays for one-time setup, so it never counts)
     await _handshake_round(ctx, pki.client_ctx(), True, math.inf, {"cancelled": 0})
-    duration = time.monotonic() - started  # of a whole round: deadlines scale with the load
+    durations = []
+    for _ in range(3):
+        started = time.monotonic()
+        await _handshake_round(ctx, pki.client_ctx(), True, math.inf, {"cancelled": 0})
+        durations.append(time.monotonic() - started)
+    duration = min(durations)
     outcomes = {"completed": 0, "cancelled": 0}
     for _ in range(16):
         await _handshake_round(ctx, pki.client_ctx(), rnd.random() < 0.5,
