@@ -209,6 +209,7 @@ def hold(port: int, connections: int) -> None:
     t0 = time.perf_counter()
     for _ in range(connections):
         raw = socket.create_connection(("127.0.0.1", port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tls = ctx.wrap_socket(raw)
         tls.sendall(b"x")
         if tls.recv(1) != b"x":

@@ -63,9 +63,11 @@ def ratios(res: Results, scenario: str, variant: str, peer: str, key: str,
     return [x / y for x, y in zip(a, b, strict=False) if x is not None and y]
 
 
-def fmt(x: float | None) -> str:
+def fmt(x: float | None, precise: bool = False) -> str:
     if x is None:
         return "—"
+    if precise and abs(x) < 10:
+        return f"{x:.3f}"
     if abs(x) >= 100:
         return f"{x:.0f}"
     if abs(x) >= 10:
@@ -73,14 +75,14 @@ def fmt(x: float | None) -> str:
     return f"{x:.2f}"
 
 
-def spread(xs: list[float | None], suffix: str = "") -> str:
+def spread(xs: list[float | None], suffix: str = "", precise: bool = False) -> str:
     ys = [x for x in xs if x is not None]
     if not ys:
         return "—"
     m = statistics.median(ys)
     if len(ys) == 1:
-        return f"{fmt(m)}{suffix}"
-    return f"{fmt(m)}{suffix} [{fmt(min(ys))}-{fmt(max(ys))}]"
+        return f"{fmt(m, precise)}{suffix}"
+    return f"{fmt(m, precise)}{suffix} [{fmt(min(ys))}-{fmt(max(ys))}]"
 
 
 # -- targets ------------------------------------------------------------------------
@@ -243,7 +245,7 @@ def write_markdown(res: Results, path: Path, chart: str | None) -> None:
     lines += ["", "## Targets", "",
               "| target | peer | measured ratio | status | note |", "|---|---|---:|---|---|"]
     for t in targets(res):
-        lines.append(f"| {t.text} | {label(t.peer)} | {spread(list(t.ratio), 'x')} | "
+        lines.append(f"| {t.text} | {label(t.peer)} | {spread(list(t.ratio), 'x', True)} | "
                      f"{t.status if not t.text.startswith('(reference)') else '—'} | "
                      f"{t.note} |")
     for scenario in ("saturated", "half", "bulk", "memory", "memory-sansio"):
@@ -323,5 +325,5 @@ def console_summary(res: Results) -> list[str]:
     out = []
     for t in targets(res):
         out.append(f"{t.status.strip('*'):12s} {t.text} — {label(t.peer)}: "
-                   f"{spread(list(t.ratio), 'x')}")
+                   f"{spread(list(t.ratio), 'x', True)}")
     return out

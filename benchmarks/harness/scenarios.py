@@ -87,7 +87,9 @@ def run_handshakes(peer: str, cert: tuple[str, str], cfg: Config, seconds: float
         cl = load(["handshake", port, *conc, "--seconds", str(seconds), *extra], load_cpus,
                   seconds + 60)
         sv = srv.finish()
-    n = max(cl["handshakes"], 1)
+    if cl["handshakes"] == 0:
+        raise RuntimeError(f"no handshake completed ({cl['errors']} failed)")
+    n = cl["handshakes"]
     out = {"hs_per_s": cl["rate"], "cpu_ms_per_hs": 1e3 * sv["cpu_s"] / n,
            "load_busy": cl["client_busy"], "hs_latency_p99_ms": cl["latency_p99_ms"],
            "client_errors": cl["errors"], "server": sv, "client": cl}
