@@ -130,7 +130,13 @@ def main() -> None:
     ap.add_argument("--shared-note", default="",
                     help="a note printed at the top of RESULTS.md (e.g. a shared machine)")
     ap.add_argument("--list-peers", action="store_true")
+    ap.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
+                    help="measure nothing: rewrite RESULTS.md and the chart from a results.json")
     a = ap.parse_args()
+
+    if a.report_only:
+        write_outputs(json.loads(a.report_only.read_text()), a.out, time.perf_counter())
+        return
 
     if a.list_peers:
         for p in P.PEERS:
@@ -197,16 +203,21 @@ def main() -> None:
         "peers": run_ids, "missing": av.missing, "calibration": calibration,
         "scenarios": results,
     }
-    (a.out / "results.json").write_text(json.dumps(res, indent=1))
-    chart_msg = R.write_chart(res, a.out / "results.png")
+    write_outputs(res, a.out, t0)
+
+
+def write_outputs(res: R.Results, out: Path, t0: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    chart_msg = R.write_chart(res, out / "results.png")
     if chart_msg:
         log(f"chart skipped: {chart_msg}")
-    R.write_markdown(res, a.out / "RESULTS.md", None if chart_msg else "results.png")
+    R.write_markdown(res, out / "RESULTS.md", None if chart_msg else "results.png")
     log("")
     for line in R.console_summary(res):
         log(line)
-    log(f"\nwrote {a.out / 'RESULTS.md'}, {a.out / 'results.json'}"
-        + ("" if chart_msg else f", {a.out / 'results.png'}")
+    log(f"\nwrote {out / 'RESULTS.md'}, {out / 'results.json'}"
+        + ("" if chart_msg else f", {out / 'results.png'}")
         + f" in {time.perf_counter() - t0:.0f} s")
 
 

@@ -32,6 +32,7 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
     "memory": [("kib_per_conn", "KiB per idle connection", True)],
     "memory-sansio": [("kib_per_conn", "KiB per connection (sans-IO pair)", True)],
 }
+NO_RATIO = {"load_busy"}  # a property of the run, not a figure to compare
 SANSIO_BASE = "stdlib-sslobject"
 SANSIO_LABELS = {"stdlib-sslobject": "stdlib ssl.SSLObject + MemoryBIOs",
                  "asyncssl": "ours: TLSConnection", "asyncssl-offload":
@@ -193,7 +194,7 @@ def table(res: Results, scenario: str, variant: str) -> list[str]:
         for key, _, _ in metrics:
             vals = [r.get(key) for r in reps]
             cells.append(spread(vals))
-            rr = ratios(res, scenario, variant, peer, key, base)
+            rr = [] if key in NO_RATIO else ratios(res, scenario, variant, peer, key, base)
             cells.append(spread(list(rr), "x") if rr else "—")
         errors = [r["error"] for r in reps if "error" in r]
         name = label(peer) + (f" ({len(errors)} failed: {errors[0][:80]})" if errors else "")
@@ -271,6 +272,15 @@ def write_markdown(res: Results, path: Path, chart: str | None) -> None:
 
 # -- chart ------------------------------------------------------------------------------
 
+# the targets that are ratios to trio.SSLStream, drawn as red dashed lines
+CHART_TARGETS = {("saturated", "rsa2048", "cpu_ms_per_hs"): 0.8,
+                 ("saturated", "rsa3072", "cpu_ms_per_hs"): 0.85,
+                 ("half", "rsa2048", "lag_max_ms"): 0.25,
+                 ("half", "rsa3072", "lag_max_ms"): 0.25,
+                 ("bulk", "p256", "mib_per_s"): 2.0,
+                 ("bulk", "p256", "cpu_ms_per_mib"): 0.5}
+
+
 def write_chart(res: Results, path: Path) -> str | None:
     try:
         import matplotlib
@@ -309,12 +319,15 @@ def write_chart(res: Results, path: Path) -> str | None:
         ax.set_yticks(range(len(vals)), names, fontsize=7)
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", lw=0.8)
+        limit = CHART_TARGETS.get((scenario, variant, key))
+        if limit is not None:
+            ax.axvline(limit, color="tab:red", lw=1, ls="--")
         ax.set_title(title + " (x trio.SSLStream)", fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"anyio-asyncssl benchmarks, ratios to trio.SSLStream ({res['meta']['date']}; "
-                 "blue: ours, grey: Python peers, orange: C)", fontsize=10)
+                 "blue: ours, grey: Python peers, orange: C; red dashes: targets)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
