@@ -76,11 +76,14 @@ METHOD = [
     "memory BIOs in one process, our TLSConnection against the stdlib's ssl.SSLObject.",
     "nginx: Debian's package, one worker, `daemon off`; handshakes against an http server "
     "that is never sent a request; bulk and memory through the stream module (TLS "
-    "termination) proxying to a plain-TCP `socat ... PIPE` echo whose CPU and memory are "
-    "not counted (so nginx's bulk figure includes a proxy hop the Python peers do not "
-    "make).  CPU = master + worker; loop thread = the worker.",
+    "termination) proxying to a plain-TCP echo (harness/tcp_echo.py on uvloop, not pinned) "
+    "whose CPU and memory are not counted (so nginx's bulk figure includes a proxy hop the "
+    "Python peers do not make, and its memory figure nginx's upstream connection and "
+    "buffers).  CPU = master + worker; loop thread = the worker.",
     "socat: `socat -b 65536 OPENSSL-LISTEN:port,fork,... PIPE` forks a process per "
-    "connection and echoes through a pipe; CPU includes reaped children.",
+    "connection and echoes through a pipe; CPU includes reaped children.  (Its PIPE echo "
+    "worked here with TLS records of at most 16 KiB; as nginx's backend, fed 64 KiB reads, "
+    "it deadlocked writing into its own full pipe.)",
 ]
 
 

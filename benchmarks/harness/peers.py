@@ -61,8 +61,8 @@ PEERS: list[Peer] = [
     Peer("uvloop", "uvloop start_server(ssl=)", PYTHON),
     Peer("nginx", "nginx (C, 1 worker)", C, NO_LOOP,
          note="handshakes: http server, no request sent; bulk and memory: stream module "
-              "TLS termination proxying to a plain-TCP socat echo (the echo's CPU and "
-              "memory are not counted)"),
+              "TLS termination proxying to a plain-TCP echo (harness/tcp_echo.py, uvloop, "
+              "not pinned; its CPU and memory are not counted)"),
     Peer("socat", "socat (C, fork per connection)", C, frozenset({"saturated", "bulk"}),
          note="OPENSSL-LISTEN,fork PIPE: one process per connection, echo through a pipe; "
               "CPU includes the reaped children; not in memory (a whole process per "
@@ -206,20 +206,19 @@ def ensure_available(ids: list[str], install: bool, log: Any) -> Availability:
     apt: list[str] = []
     if "nginx" in ids and (nginx_binary() is None or stream_module() is None):
         apt += ["nginx", "libnginx-mod-stream"]
-    if ("socat" in ids or "nginx" in ids) and shutil.which("socat") is None:
+    if "socat" in ids and shutil.which("socat") is None:
         apt += ["socat"]
     if apt:
         err = _apt_install(apt, log) if install else (
             f"not installed: run `apt-get install -y {' '.join(apt)}` (install skipped)")
         if err:
-            for p in ("nginx", "socat"):
-                if p in ids:
-                    av.missing[p] = err
+            if "nginx" in ids and "nginx" in apt:
+                av.missing["nginx"] = err
+            if "socat" in ids and "socat" in apt:
+                av.missing["socat"] = err
     if "nginx" in ids and "nginx" not in av.missing:
         if nginx_binary() is None or stream_module() is None:
             av.missing["nginx"] = "nginx or its stream module not found after install"
-        elif shutil.which("socat") is None:
-            av.missing["nginx"] = "socat (nginx's echo backend) not found"
     if "socat" in ids and "socat" not in av.missing and shutil.which("socat") is None:
         av.missing["socat"] = "socat not found after install"
     for p in ids:
@@ -410,7 +409,7 @@ def wait_listening_tls(port: int) -> None:
 
 
 def start_nginx(cert: str, key: str, cpus: set[int] | None, echo: bool) -> Server:
-    """nginx, one worker; ``echo``: stream TLS termination to a socat TCP echo."""
+    """nginx, one worker; ``echo``: stream TLS termination to a plain-TCP echo."""
     nginx = nginx_binary()
     assert nginx is not None
     port = free_port()
@@ -420,9 +419,9 @@ def start_nginx(cert: str, key: str, cpus: set[int] | None, echo: bool) -> Serve
               f"error_log {tmp}/error.log crit; worker_rlimit_nofile 20000;\n")
     if echo:
         back = free_port()
-        backend = subprocess.Popen(
-            ["socat", "-b", "65536", f"TCP-LISTEN:{back},bind=127.0.0.1,reuseaddr,fork,"
-             "backlog=4096", "PIPE"], stderr=subprocess.DEVNULL, preexec_fn=pin(cpus))
+        # not pinned: the echo's CPU is not nginx's, and should not take nginx's core
+        backend = subprocess.Popen([sys.executable, str(HERE / "tcp_echo.py"), str(back)],
+                                   stderr=subprocess.DEVNULL)
         wait_listening_tls(back)
         conf = (f"load_module {stream_module()};\n{common}"
                 "events { worker_connections 8192; }\n"
