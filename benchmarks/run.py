@@ -33,6 +33,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -114,7 +115,7 @@ def machine() -> dict[str, str]:
         distro = "?"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return {"CPU": model, "cores": str(os.cpu_count()), "kernel": platform.release(),
-            "memory": mem, "OS": distro, "load average at start": load}
+            "memory": mem, "OS": distro, "load average (1, 5, 15 min) at start": load}
 
 
 def main() -> None:
@@ -131,14 +132,18 @@ def main() -> None:
     ap.add_argument("--no-install", action="store_true",
                     help="do not install missing peers (pip/apt-get)")
     ap.add_argument("--shared-note", default="",
-                    help="a note printed at the top of RESULTS.md (e.g. a shared machine)")
+                    help="a note printed at the top of RESULTS.md (e.g. a shared machine); "
+                         "with --report-only it replaces the stored one")
     ap.add_argument("--list-peers", action="store_true")
     ap.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
                     help="measure nothing: rewrite RESULTS.md and the chart from a results.json")
     a = ap.parse_args()
 
     if a.report_only:
-        write_outputs(json.loads(a.report_only.read_text()), a.out, time.perf_counter())
+        res = json.loads(a.report_only.read_text())
+        if a.shared_note:
+            res["meta"]["shared_machine_note"] = a.shared_note
+        write_outputs(res, a.out, time.perf_counter())
         return
 
     if a.list_peers:
@@ -165,6 +170,7 @@ def main() -> None:
         sys.exit("needs 2 CPUs (server on one, load on the other)")
 
     t0 = time.perf_counter()
+    machine_info = machine()
     log(f"benchmarks/run.py {cfg.mode}: {cfg.reps} repetition(s), scenarios "
         f"{', '.join(cfg.scenarios)}, {len(ids)} peers")
     av = P.ensure_available(ids, install=not (a.no_install or a.smoke), log=log)
@@ -176,7 +182,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmpdir:
         tmp = Path(tmpdir)
         certs = S.make_certs(tmp)
-        calibration = {}
+        calibration: dict[str, Any] = {}
         if S.have_openssl_cli() and not a.smoke and "saturated" in cfg.scenarios:
             try:
                 calibration = S.calibrate_load(certs["rsa2048"], 2.0 if cfg.reps > 1 else 1.0,
@@ -195,7 +201,7 @@ def main() -> None:
     cmd = "python benchmarks/run.py" + "".join(f" {shlex.quote(x)}" for x in sys.argv[1:])
     res: R.Results = {
         "meta": {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "command": cmd, "machine": machine(), "versions": P.versions(),
+                 "command": cmd, "machine": machine_info, "versions": P.versions(),
                  "method": method, "shared_machine_note": a.shared_note,
                  "elapsed_s": time.perf_counter() - t0},
         "config": {"mode": cfg.mode, "reps": cfg.reps, "saturated_seconds": cfg.sat_seconds,
@@ -206,6 +212,8 @@ def main() -> None:
         "peers": run_ids, "missing": av.missing, "calibration": calibration,
         "scenarios": results,
     }
+    res["meta"]["machine"]["load average (1, 5, 15 min) at the end"] = " ".join(
+        f"{x:.2f}" for x in os.getloadavg())
     write_outputs(res, a.out, t0)
 
 

@@ -197,7 +197,8 @@ def table(res: Results, scenario: str, variant: str) -> list[str]:
             rr = [] if key in NO_RATIO else ratios(res, scenario, variant, peer, key, base)
             cells.append(spread(list(rr), "x") if rr else "—")
         errors = [r["error"] for r in reps if "error" in r]
-        name = label(peer) + (f" ({len(errors)} failed: {errors[0][:80]})" if errors else "")
+        first = " ".join(errors[0].split()).replace("|", "/")[-120:] if errors else ""
+        name = label(peer) + (f" ({len(errors)} failed: {first})" if errors else "")
         busy = med([r.get("load_busy") for r in reps])
         if scenario == "saturated" and busy is not None and busy > 0.9:
             name += " ‡"

@@ -70,7 +70,13 @@ def load(args: list[str], cpus: set[int] | None, timeout: float) -> dict[str, An
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
             return dict(json.loads(line[7:]))
-    raise RuntimeError(f"load {args[0]} failed: {r.stderr.strip()[-400:]}")
+    raise RuntimeError(f"load {args[0]} failed: {last_line(r.stderr)}")
+
+
+def last_line(text: str) -> str:
+    """The last line of a traceback: the exception, which is what a report can show."""
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return lines[-1][:300] if lines else "(no output)"
 
 
 # -- one run -------------------------------------------------------------------------
@@ -129,7 +135,7 @@ def run_memory(peer: str, cert: tuple[str, str], cfg: Config) -> dict[str, Any]:
             assert proc.stdout is not None and proc.stdin is not None
             line = proc.stdout.readline()
             if not line.startswith("OPEN "):
-                raise RuntimeError(f"hold failed: {proc.communicate(timeout=30)[1][-400:]}")
+                raise RuntimeError(f"hold failed: {last_line(proc.communicate(timeout=30)[1])}")
             time.sleep(0.2)  # let the server settle (handlers parked in receive)
             sv = srv.finish()
             proc.stdin.write("close\n")
@@ -147,7 +153,7 @@ def run_sansio_memory(kind: str, pem: str, cfg: Config) -> dict[str, Any]:
                         str(cfg.mem_connections)], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, PYTHONPATH=str(P.ROOT)))
     if r.returncode:
-        raise RuntimeError(r.stderr.strip()[-400:])
+        raise RuntimeError(last_line(r.stderr))
     return {"kib_per_conn": json.loads(r.stdout)["kib_per_connection"]}
 
 
