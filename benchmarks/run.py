@@ -1,8 +1,8 @@
 """Benchmark harness: anyio-asyncssl against its peers, in the same run, over loopback.
 
-    python benchmarks/run.py              # full: 3 interleaved repetitions (~25-35 min)
-    python benchmarks/run.py --quick      # every peer and scenario, shorter, 1 repetition
-    python benchmarks/run.py --smoke      # seconds; proves the harness works (pytest runs it)
+    python benchmarks/run.py              # full: 3 interleaved repetitions (~22 min on 2 cores)
+    python benchmarks/run.py --quick      # every peer and scenario, shorter, 1 repetition (~4 min)
+    python benchmarks/run.py --smoke      # ~35 s; proves the harness works (pytest runs it)
     python benchmarks/run.py --only bulk --peers asyncssl-trio,trio-sslstream
 
 Scenarios (harness/scenarios.py): ``saturated`` (C=16 full TLS 1.3 handshakes,
