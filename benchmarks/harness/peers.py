@@ -362,9 +362,16 @@ class ExternalServer(Server):
         return out
 
     def close(self) -> None:
+        # forked children (socat's per-connection processes) outlive their parent's SIGTERM
+        kids = [d for p in self.procs for d in descendants(p.pid)]
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
+        for pid in kids:
+            try:
+                os.kill(pid, 15)
+            except OSError:
+                pass
         for p in self.procs:
             try:
                 p.wait(10)
