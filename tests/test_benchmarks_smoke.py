@@ -1,0 +1,66 @@
+"""The benchmark harness works: ``benchmarks/run.py --smoke`` touches every scenario.
+
+It runs each scenario once with a tiny size against our peers and trio.SSLStream
+(nginx and socat only when already installed: the smoke mode installs nothing),
+and must produce a number for each, plus RESULTS.md and results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+    reason="the harness needs Linux /proc and 2 CPUs")
+
+OURS = ["asyncssl-trio", "asyncssl-trio-nooffload", "asyncssl-anyio-asyncio",
+        "asyncssl-anyio-asyncio-nooffload", "asyncssl-anyio-trio",
+        "asyncssl-anyio-trio-nooffload"]
+EXPECT = {
+    ("saturated", "rsa2048"): ("hs_per_s", "cpu_ms_per_hs", "loop_cpu_ms_per_hs", "lag_p99_ms",
+                               "lag_max_ms"),
+    ("half", "rsa2048"): ("hs_per_s", "lag_p99_ms", "lag_max_ms"),
+    ("bulk", "p256"): ("mib_per_s", "cpu_ms_per_mib"),
+    ("memory", "p256"): ("kib_per_conn",),
+}
+
+
+def test_smoke_run_measures_every_scenario(tmp_path: Path) -> None:
+    pytest.importorskip("trio")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"]["mode"] == "smoke"
+    scen = res["scenarios"]
+    for (scenario, variant), metrics in EXPECT.items():
+        runs = scen[scenario][variant]
+        for peer in [*OURS, "trio-sslstream"]:
+            assert peer in runs, (scenario, peer)
+            (run,) = runs[peer]
+            assert "error" not in run, (scenario, peer, run)
+            for m in metrics:
+                assert isinstance(run.get(m), float), (scenario, peer, m, run)
+    for peer in ("asyncssl-trio-always", "asyncssl-anyio-asyncio-always",
+                 "asyncssl-anyio-trio-always"):
+        assert scen["bulk"]["p256"][peer][0]["mib_per_s"] > 0
+    for kind in ("stdlib-sslobject", "asyncssl", "asyncssl-offload"):
+        assert "kib_per_conn" in scen["memory-sansio"]["p256"][kind][0]
+    # the offload really signed in the peers that have it
+    sat = scen["saturated"]["rsa2048"]
+    assert sat["asyncssl-trio"][0]["server"]["offload"]["sign_ops"] > 0
+    assert "offload" not in sat["asyncssl-trio-nooffload"][0]["server"]
+    # C references either ran or say why not
+    for peer in ("nginx", "socat"):
+        assert peer in res["peers"] or peer in res["missing"]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Targets" in md and "trio.SSLStream" in md
