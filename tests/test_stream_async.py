@@ -241,7 +241,15 @@ async def test_cancelled_receives_lose_no_data(pki: Pki, offload: A.Offload,
     engine.set(latency_ms=8)
     server, client = await _tls_pair(_pausing_server_ctx(pki, offload, engine),
                                      pki.client_ctx())
-    counts = await _receive_under_cancellation(server, client, random.Random(7))
+    # one read decrypts every record that has arrived, so how often a
+    # deadline lands inside a pause varies with timing: up to three rounds
+    rnd = random.Random(7)
+    counts = {"raised": 0, "absorbed": 0}
+    for _ in range(3):
+        for key, value in (await _receive_under_cancellation(server, client, rnd)).items():
+            counts[key] += value
+        if counts["raised"] >= 3 and counts["absorbed"] >= 3:
+            break
     assert counts["raised"] >= 3, counts     # cancelled outside a pause
     assert counts["absorbed"] >= 3, counts   # deadline passed inside a pause
     # the stream is still fine after all those cancellations

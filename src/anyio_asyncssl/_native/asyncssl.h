@@ -243,6 +243,7 @@ struct asx_conn {
     char *job_error_data[8];  /* their text (malloc'ed), or NULL */
     int njob_errors;
     BIO *sock;                /* the socket BIO on the native path (else NULL) */
+    size_t read_off;          /* a read paused after its first records: their bytes */
     int deferred_status;      /* a read that failed after returning data: its
                                * status, reported by the next read (job_errors
                                * keep its error queue) */

@@ -304,8 +304,30 @@ static void classify_failure(asx_conn *c, int ret, asx_result *r)
         r->status = ASX_TRANSPORT_ERROR;
 }
 
-/* outside async mode: after a read that produced data, decrypt the records
- * that have already arrived too (no syscall, no pause) */
+/* a read that already has data to return failed: the data goes back now,
+ * and unless the failure is only "wait" (or the peer's close_notify, which
+ * the next read sees again) it is the next read's answer, with its error
+ * queue kept as a paused job's is */
+static void defer_failure(asx_conn *c, int ret)
+{
+    int e = SSL_get_error(c->ssl, ret);
+    asx_result later;
+
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_ASYNC_JOB)
+        return;
+    memset(&later, 0, sizeof(later));
+    classify_failure(c, ret, &later);
+    if (later.status != ASX_CLOSED) {
+        c->deferred_status = later.status;
+        job_errors_save(c);
+    }
+}
+
+/* after a read that produced |n| bytes, decrypt the records that have
+ * already arrived too (no syscall).  In async mode such a read may pause:
+ * then the data so far stays in the pinned buffer (read_off says how much)
+ * and 0 is returned, as the paused job is the same operation; its retry
+ * appends.  Otherwise returns the bytes read in all. */
 static size_t read_more(asx_conn *c, size_t n)
 {
     BIO *in = c->sock != NULL ? c->sock : c->rbio;
@@ -318,18 +340,11 @@ static size_t read_more(asx_conn *c, size_t n)
             n += more;
             continue;
         }
-        if (SSL_get_error(c->ssl, ret) != SSL_ERROR_WANT_READ) {
-            /* the data read so far goes back now; this failure is the next
-             * read's answer (with its error queue, kept as a job's is) */
-            asx_result later;
-
-            memset(&later, 0, sizeof(later));
-            classify_failure(c, ret, &later);
-            if (later.status != ASX_CLOSED) {
-                c->deferred_status = later.status;
-                job_errors_save(c);
-            }
+        if (SSL_waiting_for_async(c->ssl)) {
+            c->read_off = n;
+            return 0;
         }
+        defer_failure(c, ret);
         break;
     }
     return n;
@@ -375,11 +390,27 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
                 ret = 0;
                 break;
             }
-            if (c->pending_op != ASX_OP_READ)
+            if (c->pending_op != ASX_OP_READ) {
                 c->read_len = arg < c->read_cap ? arg : c->read_cap;
-            ret = SSL_read_ex(c->ssl, c->read_buf, c->read_len, &n);
-            if (ret > 0 && !c->async_mode)
-                n = read_more(c, n);
+                c->read_off = 0;
+            }
+            /* a resumed job keeps its own arguments: the offset matters for
+             * the result only */
+            ret = SSL_read_ex(c->ssl, c->read_buf + c->read_off, c->read_len - c->read_off,
+                              &n);
+            if (ret > 0) {
+                n += c->read_off;
+                c->read_off = 0;
+                if ((n = read_more(c, n)) == 0)
+                    ret = -1;     /* paused after some records: WANT_ASYNC below */
+            } else if (c->read_off > 0 && !SSL_waiting_for_async(c->ssl)) {
+                /* the job that paused after some records failed: those
+                 * records go back now, the failure with the next read */
+                defer_failure(c, ret);
+                n = c->read_off;
+                c->read_off = 0;
+                ret = 1;
+            }
             break;
         case ASX_OP_WRITE:
             if (c->write_buf == NULL) {
