@@ -33,7 +33,7 @@ import collections
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -47,8 +47,10 @@ __all__ = ["LoopDispatcher", "current_dispatcher"]
 class LoopDispatcher:
     """Routes one loop's notifier wake-ups to that loop's waiting tasks."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint_if_cancelled: Callable[[], Awaitable[None]]) -> None:
         self.notifier = Notifier()
+        #: this loop's own checkpoint_if_cancelled (anyio's looks the loop up each call)
+        self.checkpoint_if_cancelled = checkpoint_if_cancelled
         self.waiters: dict[int, anyio.Event] = {}   # connection id -> its waiter
         self.job_waiters: collections.deque[anyio.Event] = collections.deque()
         self.wakeups = 0                    # drains that found work (for tests)
@@ -90,21 +92,24 @@ class LoopDispatcher:
                 except ValueError:
                     pass
 
-    async def wait(self, conn_id: int, ready: Callable[[], bool], timeout: float) -> None:
+    async def wait(self, conn_id: int, ready: Callable[[], bool], timeout: float) -> bool:
         """Wait for a wake-up for ``conn_id`` unless ``ready()`` holds; at most ``timeout``.
 
         Returning says "re-check", not "done": the caller retries its step.
+        Returns whether it waited at all (a schedule point).
         """
         if ready():
-            return
+            return False
         ev = anyio.Event()
         self.waiters[conn_id] = ev
         try:
-            if not ready():  # a wake-up may have come in meanwhile
-                with anyio.move_on_after(timeout) as scope:
-                    await ev.wait()
-                if scope.cancelled_caught:
-                    self.timeouts += 1
+            if ready():  # a wake-up may have come in meanwhile
+                return False
+            with anyio.move_on_after(timeout) as scope:
+                await ev.wait()
+            if scope.cancelled_caught:
+                self.timeouts += 1
+            return True
         finally:
             if self.waiters.get(conn_id) is ev:
                 del self.waiters[conn_id]
@@ -123,7 +128,7 @@ def current_dispatcher() -> LoopDispatcher:
         key: Any = trio.lowlevel.current_root_task()
         d = _trio_dispatchers.get(key)
         if d is None:
-            d = LoopDispatcher()
+            d = LoopDispatcher(trio.lowlevel.checkpoint_if_cancelled)
             _trio_dispatchers[key] = d
             trio.lowlevel.spawn_system_task(_trio_dispatch_loop, d, key,
                                             name="anyio_asyncssl notifier")
@@ -136,7 +141,7 @@ def current_dispatcher() -> LoopDispatcher:
         raise RuntimeError("anyio_asyncssl needs a running asyncio or trio event loop") from None
     d = _asyncio_dispatchers.get(loop)
     if d is None:
-        d = LoopDispatcher()
+        d = LoopDispatcher(anyio.lowlevel.checkpoint_if_cancelled)
         _asyncio_dispatchers[loop] = d
         # the loop keeps the dispatcher (and its notifier's fd) alive through
         # this reader for as long as the loop lives; the fd is closed only

@@ -195,7 +195,8 @@ class Driver:
     async def _run(self, op: int, step: Callable[[bytes], Status]) -> Status:
         # an operation cancelled before it starts does nothing: on the native
         # path a step does its I/O at once, before any await could raise
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        d = self._dispatcher or self._bind()
+        await d.checkpoint_if_cancelled()
         try:
             return await self._retry(op, step)
         except _breaking() as exc:
@@ -264,7 +265,6 @@ class Driver:
     async def _finish_job(self, step: Callable[[bytes], Status], before: int) -> Status:
         """A job is paused: wait for the engine and retry until it has finished."""
         self.pauses += 1
-        self.io_events += 1
         self._pause_end = pause_end = anyio.Event()
         status = Status.WANT_ASYNC
         eagain_delay = _EAGAIN_FIRST
@@ -282,6 +282,7 @@ class Driver:
                             wake_bound = min(wake_bound * 2, _WAKE_MAX)
                         elif st is AsyncStatus.EAGAIN:
                             await anyio.sleep(eagain_delay)
+                            self.io_events += 1
                             eagain_delay = min(eagain_delay * 2, _EAGAIN_MAX)
                         elif st is AsyncStatus.ERR:
                             err_retries += 1
@@ -290,8 +291,10 @@ class Driver:
                                     "offload engine reported ASYNC_STATUS_ERR and its job never "
                                     "finished; the connection is abandoned (parked)")
                             await anyio.sleep(0 if err_retries < 10 else 0.001)
+                            self.io_events += 1
                         else:
                             await self._wait_fds()
+                            self.io_events += 1
                     except cancelled_exc as exc:
                         # only asyncio's native Task.cancel() (asyncio.wait_for,
                         # asyncio.timeout) gets through anyio's shield: finish the
@@ -310,7 +313,8 @@ class Driver:
     async def _wait_callback(self, before: int, timeout: float) -> None:
         conn = self.conn
         d = self._dispatcher or self._bind()
-        await d.wait(conn.id, lambda: conn.wakeups != before, timeout)
+        if await d.wait(conn.id, lambda: conn.wakeups != before, timeout):
+            self.io_events += 1
 
     async def _wait_fds(self) -> None:
         added, removed = self.conn.changed_async_fds()
@@ -449,8 +453,23 @@ class Driver:
                 self._stash.insert(0, data[max_bytes:])
                 data = data[:max_bytes]
             return data
-        got: list[bytes] = []
         conn = self.conn
+        if self.sock is not None and not conn._native.async_mode and self._dispatcher:
+            # the native path's common case, in one C call: records that have
+            # arrived (no job can pause outside async mode, so no pause rules)
+            await self._dispatcher.checkpoint_if_cancelled()
+            try:
+                if self.sock.alive:
+                    st, data = conn.read(max_bytes)
+                    if st is Status.DONE:
+                        return data
+                    if st is Status.CLOSED:
+                        return b""
+            except _breaking() as exc:
+                self.mark_broken(exc)
+                raise
+            # nothing yet: the general loop waits and retries
+        got: list[bytes] = []
 
         def step(incoming: bytes) -> Status:
             st, data = conn.read(max_bytes, incoming)
@@ -482,6 +501,22 @@ class Driver:
         total = len(view)
         conn = self.conn
         sent = 0
+        pauses = self.pauses
+        if (self.sock is not None and not conn._native.async_mode and self._dispatcher
+                and not self._outq):
+            # the native path's common case: the socket takes it all at once
+            await self._dispatcher.checkpoint_if_cancelled()
+            try:
+                if self.sock.alive:
+                    st, sent = conn.write(view)
+                    if st is Status.DONE:
+                        view = view[sent:]
+                        if not len(view):
+                            return
+            except _breaking() as exc:
+                self.mark_broken(exc)
+                raise
+            sent = 0
         try:
             while len(view):
                 sent = 0
@@ -499,10 +534,11 @@ class Driver:
                 # encrypted and will reach the peer, the rest never will
                 self.mark_broken(exc)
             raise
-        # all of it is out (or queued): a cancellation that came meanwhile
-        # (held back by a pause's shield) is raised now, after the fact, as a
-        # socket stream's send raises one that came while it drained
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self.pauses != pauses:
+            # all of it is out (or queued): a cancellation that came while a
+            # pause's shield held it back is raised now, after the fact, as a
+            # socket stream's send raises one that came while it drained
+            await self._dispatcher.checkpoint_if_cancelled()  # type: ignore[union-attr]
 
     async def send_close_notify(self) -> None:
         """Send our close_notify once (no waiting for the peer's)."""
