@@ -91,19 +91,20 @@ class SocketIO:
 
     async def readable(self) -> None:
         """Wait until the fd is readable (or until another task's wait ended)."""
-        if self._read_lock.locked():
-            async with self._read_lock:
-                return
-        async with self._read_lock:
-            await self._wait_readable(self.fd)
+        await self._wait(self._read_lock, self._wait_readable)
 
     async def writable(self) -> None:
         """Wait until the fd is writable (or until another task's wait ended)."""
-        if self._write_lock.locked():
-            async with self._write_lock:
+        await self._wait(self._write_lock, self._wait_writable)
+
+    async def _wait(self, lock: anyio.Lock, wait: Callable[[int], Awaitable[Any]]) -> None:
+        if lock.locked():
+            # another task waits in this direction: when it is done, our step
+            # is retried (the readiness may be gone, consumed by its step)
+            async with lock:
                 return
-        async with self._write_lock:
-            await self._wait_writable(self.fd)
+        async with lock:
+            await wait(self.fd)
 
     def close(self) -> None:
         """The stream is done with the socket: forget the fd; close it if it is our dup.
