@@ -33,11 +33,18 @@ HERE = Path(__file__).parent
 Status = A.Status
 
 
-def run_child(code: str, *args: object, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_child(code: str, *args: object, timeout: float = 120,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter; a crash shows as a negative return code."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     return proc
+
+
+# glibc fills freed memory with this byte: a use-after-free inside OpenSSL
+# (which no sanitizer of ours instruments) then reads garbage and crashes
+PERTURB = {"MALLOC_PERTURB_": "165"}
 
 
 def run_script(name: str, *args: object, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -226,6 +233,86 @@ def test_a_failed_offload_init_leaves_nothing_to_free_twice(pki: Pki) -> None:
         print("ok")
     """, pki.ec_file, pki.ca_file)
     assert_clean_exit(proc)
+
+
+def test_an_offload_dying_in_a_cycle_with_its_context_is_freed_after_it(pki: Pki) -> None:
+    # The cycle collector runs finalisers in any order: the Offload's __del__
+    # may run before its context's and its connections'.  It used to free the
+    # library context their SSL_CTX still used (SSL_CTX_free then reads freed
+    # locks; pytest segfaulted at exit in pthread_rwlock_rdlock about once in
+    # five runs).  Now C frees it after the last SSL_CTX made in it.
+    proc = run_child("""
+        import gc, ssl, sys
+        import anyio_asyncssl as A
+        from anyio_asyncssl.testing import pump
+        cctx = A.create_default_context(cafile=sys.argv[2])
+        for _ in range(20):
+            class Cycle: pass
+            cyc = Cycle()
+            cyc.me = cyc
+            cyc.off = A.Offload(workers=1)
+            cyc.ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=cyc.off)
+            cyc.ctx.load_cert_chain(sys.argv[1])
+            c = A.TLSConnection(cctx, server_hostname="localhost")
+            s = A.TLSConnection(cyc.ctx, server_side=True)
+            pump(c, s)
+            cyc.conns = [c, s]
+            del cyc, c, s
+            gc.collect()
+        print("ok")
+    """, pki.rsa_file, pki.ca_file, env=PERTURB)
+    assert_clean_exit(proc)
+    assert proc.stdout.strip() == "ok"
+
+
+def test_a_connection_outliving_its_context_and_offload_still_works(pki: Pki) -> None:
+    # the library context lives until the last SSL_CTX made in it is gone,
+    # however the Python objects die
+    proc = run_child("""
+        import gc, ssl, sys
+        import anyio_asyncssl as A
+        from anyio_asyncssl.testing import pump
+        off = A.Offload(workers=1)
+        sctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=off)
+        sctx.load_cert_chain(sys.argv[1])
+        c = A.TLSConnection(A.create_default_context(cafile=sys.argv[2]),
+                            server_hostname="localhost")
+        s = A.TLSConnection(sctx, server_side=True)
+        del sctx, off
+        gc.collect()
+        pump(c, s)
+        c.write(b"ping")
+        s.receive_bytes(c.bytes_to_send())
+        st, data = s.read(10)
+        assert data == b"ping", (st, data)
+        del s
+        gc.collect()
+        print("ok")
+    """, pki.rsa_file, pki.ca_file, env=PERTURB)
+    assert_clean_exit(proc)
+    assert proc.stdout.strip() == "ok"
+
+
+def test_connections_alive_at_interpreter_exit_leave_quietly(pki: Pki) -> None:
+    # kept past the offload module's globals (sys is cleared last): the
+    # default Offload dies first, its library context must outlive the
+    # SSL_CTX; the connections' finalisers ran with parking's globals gone
+    proc = run_child("""
+        import ssl, sys
+        import anyio_asyncssl as A
+        from anyio_asyncssl.testing import pump
+        sctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=A.default_offload())
+        sctx.load_cert_chain(sys.argv[1])
+        c = A.TLSConnection(A.create_default_context(cafile=sys.argv[2]),
+                            server_hostname="localhost")
+        s = A.TLSConnection(sctx, server_side=True)
+        pump(c, s)
+        sys._keep = [sctx, c, s]
+        print("ok")
+    """, pki.rsa_file, pki.ca_file, env=PERTURB)
+    assert_clean_exit(proc)
+    assert proc.stdout.strip() == "ok"
+    assert "Exception ignored" not in proc.stderr, proc.stderr
 
 
 # == buffers are sized by their bytes, never by len() ================================

@@ -188,7 +188,10 @@ class _Handle:
         # asx_conn_free refuses while a job is paused (also asked of OpenSSL)
         if c.pending_op == lib.ASX_OP_NONE and lib.asx_conn_free(c):
             self.conn = None
-            parking.count("freed")
+            try:
+                parking.count("freed")
+            except TypeError:   # interpreter exit: parking's globals are gone
+                pass
             return
         parking.park(self)
 

@@ -164,7 +164,9 @@ class _CtxHandle:
 
     def __del__(self) -> None:
         if self.ptr is not None and self.ptr != ffi.NULL:
-            lib.SSL_CTX_free(self.ptr)
+            # frees, once the SSL_CTX is gone, an Offload's library context
+            # it was the last user of (provider_core.c, "Lifetime")
+            lib.asx_ssl_ctx_free(self.ptr)
             self.ptr = None
 
 
@@ -247,6 +249,8 @@ class TLSContext:
         if ptr == ffi.NULL:
             raise_from_queue("SSL_CTX_new_ex failed")
         handle = _CtxHandle(ptr)
+        if libctx != ffi.NULL and not lib.asx_libctx_track(ptr, libctx):
+            raise_from_queue("could not tie the context to its offload")
         if not lib.asx_ctx_attach(ptr, self._ext.ptr):
             raise_from_queue("could not attach context callbacks")
         return handle

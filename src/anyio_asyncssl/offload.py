@@ -58,6 +58,11 @@ _live: weakref.WeakSet[Offload] = weakref.WeakSet()
 _install_offload = lib.asx_install_offload
 
 
+# [True] once the interpreter exits: nothing is freed from then on (OpenSSL's
+# own atexit cleanup runs after Python's finalisation)
+_exit_state: list[bool] = [False]
+
+
 class Offload:
     """Worker-thread offload of private-key operations (an OpenSSL provider).
 
@@ -241,17 +246,19 @@ class Offload:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        # Contexts keep their Offload alive, so no SSL_CTX uses the library
-        # context any more when this runs.
+    def __del__(self, _lib: Any = lib, _exit: list[bool] = _exit_state) -> None:
+        # The library context is freed by C once no SSL_CTX made in it is
+        # left (provider_core.c, "Lifetime"): the cycle collector may run
+        # this before the __del__ of a context that dies with us.  Module
+        # globals may already be None at interpreter exit: what this needs
+        # is bound as defaults.
         pool = getattr(self, "_pool", None)
         libctx = getattr(self, "_libctx", None)
-        if pool is None or libctx is None or _exiting:
+        if pool is None or libctx is None or _exit[0]:
             return
         self.close()
-        lib.asx_unload_providers(libctx)
-        lib.OSSL_LIB_CTX_free(libctx)
-        lib.asx_pool_unref(pool)
+        _lib.asx_libctx_release(libctx)
+        _lib.asx_pool_unref(pool)
 
     def __repr__(self) -> str:
         return f"<Offload workers={self.workers} providers={self._providers}>"
@@ -259,7 +266,6 @@ class Offload:
 
 _default: Offload | None = None
 _default_lock = threading.Lock()
-_exiting = False
 
 
 def default_offload() -> Offload:
@@ -284,7 +290,6 @@ os.register_at_fork(after_in_child=_restart_workers_in_child)
 
 @atexit.register
 def _close_all() -> None:
-    global _exiting
-    _exiting = True
+    _exit_state[0] = True
     for off in list(_live):
         off.close()

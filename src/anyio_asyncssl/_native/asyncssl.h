@@ -143,6 +143,13 @@ int asx_install_offload(OSSL_LIB_CTX *libctx, asx_pool *pool);
 int asx_register_test_provider(OSSL_LIB_CTX *libctx, const char *name, asx_pool *pool);
 /* unload what we loaded into |libctx| (before OSSL_LIB_CTX_free) */
 void asx_unload_providers(OSSL_LIB_CTX *libctx);
+/* |ctx| was made in |libctx|: keep |libctx| until |ctx| is freed */
+int asx_libctx_track(SSL_CTX *ctx, OSSL_LIB_CTX *libctx);
+/* the Offload is gone: free |libctx| (providers, pool reference) once no
+ * SSL_CTX made in it is left */
+void asx_libctx_release(OSSL_LIB_CTX *libctx);
+/* SSL_CTX_free, then free library contexts it was the last user of */
+int asx_ssl_ctx_free(SSL_CTX *ctx);
 /* rebuild a loaded key inside the offload provider's keymgmt */
 EVP_PKEY *asx_wrap_key(OSSL_LIB_CTX *libctx, EVP_PKEY *in);
 /* test-cipher counters: record-cipher calls made inside a job, pauses */
@@ -152,6 +159,9 @@ void asx_set_cipher_pause(int on);
 
 /* after fork(), in the child (called by pool.c's fork handler) */
 void asx_providers_after_fork_child(void);
+/* free released library contexts whose last SSL_CTX is gone; call only
+ * where no SSL_CTX_free() is in progress on this thread */
+void asx_libctx_reap(void);
 
 #define ASX_OFFLOAD_PROVIDER "asyncssl-offload"
 

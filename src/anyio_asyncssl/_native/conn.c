@@ -185,6 +185,7 @@ int asx_conn_free(asx_conn *c)
     free(c->own_read);
     free(c->own_write);
     free(c);
+    asx_libctx_reap();   /* it may have been the last user of an Offload's */
     return 1;
 }
 

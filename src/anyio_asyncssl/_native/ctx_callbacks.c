@@ -78,6 +78,7 @@ void asx_ctx_ext_free(asx_ctx_ext *e)
     free(e->sni);
     free(e->alpn);
     free(e);
+    asx_libctx_reap();   /* called from Python, never inside SSL_CTX_free */
 }
 
 static int alpn_select_cb(SSL *s, const unsigned char **out, unsigned char *outlen,
@@ -208,6 +209,7 @@ int asx_ctx_add_sni(asx_ctx_ext *e, const char *hostname, SSL_CTX *ctx)
                 return 0;
             SSL_CTX_free(e->sni[i].ctx);
             e->sni[i].ctx = ctx;
+            asx_libctx_reap();
             return 1;
         }
     grown = realloc(e->sni, (e->nsni + 1) * sizeof(*grown));

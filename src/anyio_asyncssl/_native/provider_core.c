@@ -20,6 +20,19 @@
  * its library context, so asx_unload_providers() unloads exactly those
  * before the context is freed; a full entry is an error, never a silent drop.
  *
+ * Lifetime.  An SSL_CTX made in our library context uses it until the last
+ * byte of SSL_CTX_free() (cached digests, the key, the store), and SSL
+ * objects keep their SSL_CTX alive, parked ones included; Python's cycle
+ * collector finalises an Offload and a context that die together in any
+ * order.  So the library context is not Python's to free: an entry counts
+ * the SSL_CTXs made in it (asx_libctx_track() adds an SSL_CTX ex_data whose
+ * free callback counts down), and asx_libctx_release() (the Offload is gone)
+ * frees it only when that count is 0.  The free callback runs *inside*
+ * SSL_CTX_free(), when the context is still being torn down, so the last
+ * one only moves the entry to a dead list; asx_libctx_reap() frees the dead
+ * list from a safe point: right after SSL_free()/SSL_CTX_free() return
+ * (asx_conn_free, asx_ssl_ctx_free) and on release.
+ *
  * A provider context starts with an asx_provctx: the library context the
  * core loaded the provider into (a builtin provider shares this libcrypto,
  * so that is our OSSL_LIB_CTX), its pool (looked up again when the pool is
@@ -36,6 +49,7 @@
 #include <openssl/core_names.h>
 #include <openssl/params.h>
 #include <openssl/provider.h>
+#include <openssl/ssl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,9 +66,13 @@ struct reg_entry {
     OSSL_LIB_CTX *libctx;
     asx_pool *pool;
     OSSL_PROVIDER *loaded[MAX_LOADED];
+    long ctx_refs;            /* SSL_CTXs made in libctx, not yet freed */
+    int released;             /* its Offload is gone: free at ctx_refs == 0 */
     reg_entry *next;
 };
 static reg_entry *g_reg;
+static reg_entry *g_dead;     /* released, unused: freed by asx_libctx_reap() */
+static int g_ctx_index = -1;
 static pthread_mutex_t g_reg_mu = PTHREAD_MUTEX_INITIALIZER;
 
 /* under g_reg_mu; NULL when absent and !create, or out of memory (raised) */
@@ -141,27 +159,136 @@ int asx_registry_load(OSSL_LIB_CTX *libctx, const char *name)
     return 1;
 }
 
-void asx_unload_providers(OSSL_LIB_CTX *libctx)
+static void entry_free(reg_entry *e, int free_libctx)
 {
-    reg_entry **pp, *e = NULL;
     int j;
 
-    pthread_mutex_lock(&g_reg_mu);
-    for (pp = &g_reg; *pp != NULL; pp = &(*pp)->next)
-        if ((*pp)->libctx == libctx) {
-            e = *pp;
-            *pp = e->next;
-            break;
-        }
-    pthread_mutex_unlock(&g_reg_mu);
-    if (e == NULL)
-        return;
     for (j = MAX_LOADED - 1; j >= 0; j--)
         if (e->loaded[j] != NULL)
             OSSL_PROVIDER_unload(e->loaded[j]);
     if (e->pool != NULL)
         asx_pool_unref(e->pool);
+    if (free_libctx)
+        OSSL_LIB_CTX_free(e->libctx);
     free(e);
+}
+
+/* under g_reg_mu: take |libctx|'s entry out of the registry */
+static reg_entry *reg_unlink(OSSL_LIB_CTX *libctx)
+{
+    reg_entry **pp, *e;
+
+    for (pp = &g_reg; *pp != NULL; pp = &(*pp)->next)
+        if ((*pp)->libctx == libctx) {
+            e = *pp;
+            *pp = e->next;
+            return e;
+        }
+    return NULL;
+}
+
+void asx_unload_providers(OSSL_LIB_CTX *libctx)
+{
+    reg_entry *e;
+
+    pthread_mutex_lock(&g_reg_mu);
+    e = reg_unlink(libctx);
+    pthread_mutex_unlock(&g_reg_mu);
+    if (e != NULL)
+        entry_free(e, 0);
+}
+
+static void ctx_gone(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx,
+                     long argl, void *argp)
+{
+    reg_entry *e;
+
+    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    if (ptr == NULL)
+        return;
+    pthread_mutex_lock(&g_reg_mu);
+    if ((e = reg_find((OSSL_LIB_CTX *)ptr, 0)) != NULL
+            && --e->ctx_refs == 0 && e->released) {
+        reg_unlink(e->libctx);
+        e->next = g_dead;      /* SSL_CTX_free() is still using it */
+        __atomic_store_n(&g_dead, e, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&g_reg_mu);
+}
+
+static pthread_once_t g_ctx_index_once = PTHREAD_ONCE_INIT;
+static void ctx_index_init(void)
+{
+    g_ctx_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, ctx_gone);
+}
+
+int asx_libctx_track(SSL_CTX *ctx, OSSL_LIB_CTX *libctx)
+{
+    reg_entry *e;
+
+    pthread_once(&g_ctx_index_once, ctx_index_init);
+    if (g_ctx_index < 0)
+        return 0;
+    pthread_mutex_lock(&g_reg_mu);
+    if ((e = reg_find(libctx, 0)) != NULL)
+        e->ctx_refs++;
+    pthread_mutex_unlock(&g_reg_mu);
+    if (e == NULL) {
+        ERR_raise_data(ERR_LIB_PROV, ERR_R_INTERNAL_ERROR,
+                       "anyio-asyncssl: library context not in the registry");
+        return 0;
+    }
+    if (!SSL_CTX_set_ex_data(ctx, g_ctx_index, libctx)) {
+        pthread_mutex_lock(&g_reg_mu);
+        e->ctx_refs--;         /* e outlives this: its Offload is alive */
+        pthread_mutex_unlock(&g_reg_mu);
+        return 0;
+    }
+    return 1;
+}
+
+void asx_libctx_release(OSSL_LIB_CTX *libctx)
+{
+    reg_entry *e;
+    int now = 0;
+
+    pthread_mutex_lock(&g_reg_mu);
+    if ((e = reg_find(libctx, 0)) != NULL) {
+        e->released = 1;
+        if (e->ctx_refs == 0) {
+            reg_unlink(libctx);
+            now = 1;
+        }
+    }
+    pthread_mutex_unlock(&g_reg_mu);
+    if (e == NULL)
+        OSSL_LIB_CTX_free(libctx);   /* nothing loaded, nothing tracked */
+    else if (now)
+        entry_free(e, 1);
+    asx_libctx_reap();
+}
+
+void asx_libctx_reap(void)
+{
+    reg_entry *dead, *next;
+
+    if (__atomic_load_n(&g_dead, __ATOMIC_ACQUIRE) == NULL)
+        return;
+    pthread_mutex_lock(&g_reg_mu);
+    dead = g_dead;
+    __atomic_store_n(&g_dead, NULL, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&g_reg_mu);
+    for (; dead != NULL; dead = next) {
+        next = dead->next;
+        entry_free(dead, 1);
+    }
+}
+
+int asx_ssl_ctx_free(SSL_CTX *ctx)
+{
+    SSL_CTX_free(ctx);
+    asx_libctx_reap();
+    return 1;
 }
 
 /* after fork(), in the child (pool.c's fork handler): a thread of the
