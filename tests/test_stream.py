@@ -1452,3 +1452,38 @@ async def test_session_resumption_through_connect_tcp_and_listener(pki: Pki) -> 
                 await anyio.sleep(0.01)
             assert reused == [False, True, True]
             tg.cancel_scope.cancel()
+
+
+# trio only: asyncio lets a task's BaseException out of the loop (as it does
+# KeyboardInterrupt), which would end the test runner's loop
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.parametrize("transport", ["tcp", "memory"])
+async def test_a_step_interrupted_by_keyboardinterrupt_breaks_the_stream(
+        pki: Pki, transport: str) -> None:
+    # Ctrl-C (trio delivers KeyboardInterrupt anywhere outside KI protection)
+    # can land between OpenSSL's step and the driver's bookkeeping: whatever
+    # that step consumed is gone, so the stream must not be used again and
+    # closing it must not attempt a closing handshake (it used to fail there
+    # with SHUTDOWN_WHILE_IN_INIT, chained onto the KeyboardInterrupt)
+    # (a BaseException of its own, as KeyboardInterrupt is one: a real
+    # KeyboardInterrupt would stop pytest)
+    class Interrupt(BaseException):
+        pass
+
+    async with connected(pki, transport) as (client, server):
+        conn = server.ssl_object
+        real_read = conn.read
+
+        def interrupted_read(*args: Any, **kw: Any) -> Any:
+            real_read(*args, **kw)
+            raise Interrupt
+
+        conn.read = interrupted_read  # type: ignore[method-assign]
+        await client.send(b"lost to Ctrl-C")
+        with pytest.raises(Interrupt):
+            await server.receive()
+        conn.read = real_read  # type: ignore[method-assign]
+        with pytest.raises(BrokenResourceError):
+            await server.receive()
+        await server.aclose()      # no closing handshake, no error
+        await anyio.aclose_forcefully(client)   # its peer left without close_notify

@@ -54,6 +54,7 @@ shields: it is held back until the job has finished, then raised.
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
@@ -141,6 +142,7 @@ class Driver:
         self.sock = sock
         if sock is not None:
             conn.attach_socket(sock.fd, sock.prefix)
+            sock.prefix = b""     # C has its copy (often a whole ClientHello)
             sock.on_close = conn.forget_socket
         self._hold_tickets = hold_session_tickets and conn.server_side
         self._held: bytes = b""   # session tickets not sent yet
@@ -152,14 +154,16 @@ class Driver:
         self.sending = ConflictDetector("sending", busy_error)
         self.receiving = ConflictDetector("receiving", busy_error)
         self._handshake_started = False
-        self._handshake_finished = anyio.Event()
+        self._handshake_over = False
+        # made only when a second task waits for the handshake (memory: most
+        # streams never need it)
+        self._handshake_finished: anyio.Event | None = None
         # uncontended, these take no checkpoint: the transport calls they
         # guard checkpoint anyway, and on trio a lock checkpoint per record
         # costs a scheduler round trip
-        self._send_lock = anyio.Lock(fast_acquire=True)
-        self._recv_lock = anyio.Lock(fast_acquire=True)
-        self._pause_end = anyio.Event()
-        self._pause_end.set()
+        self._send_lock = _Lock()
+        self._recv_lock = _Lock()
+        self._pause_end: anyio.Event | _Over = _NO_PAUSE
         self._stash: list[bytes] = []
         # ciphertext taken from the connection, in step order, not yet sent
         self._outq: list[bytes] = []
@@ -184,6 +188,19 @@ class Driver:
         if self.broken is None:
             self.broken = describe(exc) or "an operation was interrupted"
 
+    def _failed(self, exc: BaseException) -> None:
+        """An operation raised ``exc``: break the stream if nothing can work after it.
+
+        TLS failed, or the transport did.  Or KeyboardInterrupt/SystemExit
+        landed between OpenSSL's step and our bookkeeping (trio raises KI
+        anywhere): what that step read or wrote is lost, so the stream is
+        done, and closing it must not attempt a closing handshake.
+        Cancellation only ever lands at an await, where nothing is lost.
+        """
+        if isinstance(exc, _breaking()) or not isinstance(
+                exc, Exception | GeneratorExit | anyio.get_cancelled_exc_class()):
+            self.mark_broken(exc)
+
     # -- the loop --------------------------------------------------------------
     def _bind(self) -> LoopDispatcher:
         d = current_dispatcher()
@@ -199,9 +216,8 @@ class Driver:
         await d.checkpoint_if_cancelled()
         try:
             return await self._retry(op, step)
-        except _breaking() as exc:
-            # TLS failed, or the transport did: no later operation can work
-            self.mark_broken(exc)
+        except BaseException as exc:
+            self._failed(exc)
             raise
 
     async def _retry(self, op: int, step: Callable[[bytes], Status]) -> Status:
@@ -422,7 +438,9 @@ class Driver:
             await self._run(Operation.HANDSHAKE,
                             holding_tickets if self._hold_tickets else conn.do_handshake)
         finally:
-            self._handshake_finished.set()
+            if self._handshake_finished is not None:
+                self._handshake_finished.set()
+            self._handshake_over = True
 
     async def ensure_handshake(self) -> None:
         """Run the handshake once; concurrent callers wait for that one (a lazy handshake).
@@ -433,7 +451,10 @@ class Driver:
         if self.conn.handshake_done:
             return
         if self._handshake_started:
-            await self._handshake_finished.wait()
+            if not self._handshake_over:
+                if self._handshake_finished is None:
+                    self._handshake_finished = anyio.Event()
+                await self._handshake_finished.wait()
             self.check()
             return
         try:
@@ -465,8 +486,8 @@ class Driver:
                         return data
                     if st is Status.CLOSED:
                         return b""
-            except _breaking() as exc:
-                self.mark_broken(exc)
+            except BaseException as exc:
+                self._failed(exc)
                 raise
             # nothing yet: the general loop waits and retries
         got: list[bytes] = []
@@ -513,8 +534,8 @@ class Driver:
                         view = view[sent:]
                         if not len(view):
                             return
-            except _breaking() as exc:
-                self.mark_broken(exc)
+            except BaseException as exc:
+                self._failed(exc)
                 raise
             sent = 0
         try:
@@ -614,6 +635,66 @@ class Driver:
 
 _ANYIO_BREAKING: tuple[type[BaseException], ...] = (
     TLSError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+
+
+class _Lock:
+    """``anyio.Lock(fast_acquire=True)`` that allocates only when contended.
+
+    Uncontended (nearly always), acquiring sets a flag: no checkpoint, no
+    objects (a stream has two; anyio's Lock on trio is four objects each).
+    A task that finds it held queues an Event and gets the lock handed over
+    on release, in FIFO order; one cancelled after the hand-over passes it on.
+    """
+
+    __slots__ = ("_held", "_waiters")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: deque[anyio.Event] | None = None
+
+    def locked(self) -> bool:
+        return self._held
+
+    async def __aenter__(self) -> None:
+        if not self._held:
+            self._held = True
+            return
+        ev = anyio.Event()
+        if self._waiters is None:
+            self._waiters = deque()
+        self._waiters.append(ev)
+        try:
+            await ev.wait()
+        except BaseException:
+            if ev.is_set():
+                self._release()          # handed over already: pass it on
+            else:
+                self._waiters.remove(ev)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()    # the next owner: _held stays True
+        else:
+            self._held = False
+
+
+class _Over:
+    """The state before any pause: a set event nobody waits on (one per process)."""
+
+    @staticmethod
+    def is_set() -> bool:
+        return True
+
+    @staticmethod
+    async def wait() -> None:
+        return
+
+
+_NO_PAUSE = _Over()
 
 
 def _breaking() -> tuple[type[BaseException], ...]:

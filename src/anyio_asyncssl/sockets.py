@@ -79,8 +79,10 @@ class SocketIO:
         self._wait_writable = wait_writable
         self._origin = origin
         self._owned = owned             # a dup() of ours: closed by close()
-        self._read_lock = anyio.Lock(fast_acquire=True)
-        self._write_lock = anyio.Lock(fast_acquire=True)
+        # per direction: whether a task waits on the fd, and the event the
+        # others wait on (made only when a second task comes: most never do)
+        self._busy = [False, False]
+        self._done: list[anyio.Event | None] = [None, None]
         #: called once by close(), before the fd goes (the connection forgets it)
         self.on_close: Callable[[], None] | None = None
 
@@ -91,20 +93,29 @@ class SocketIO:
 
     async def readable(self) -> None:
         """Wait until the fd is readable (or until another task's wait ended)."""
-        await self._wait(self._read_lock, self._wait_readable)
+        await self._wait(0, self._wait_readable)
 
     async def writable(self) -> None:
         """Wait until the fd is writable (or until another task's wait ended)."""
-        await self._wait(self._write_lock, self._wait_writable)
+        await self._wait(1, self._wait_writable)
 
-    async def _wait(self, lock: anyio.Lock, wait: Callable[[int], Awaitable[Any]]) -> None:
-        if lock.locked():
+    async def _wait(self, d: int, wait: Callable[[int], Awaitable[Any]]) -> None:
+        if self._busy[d]:
             # another task waits in this direction: when it is done, our step
             # is retried (the readiness may be gone, consumed by its step)
-            async with lock:
-                return
-        async with lock:
+            done = self._done[d]
+            if done is None:
+                done = self._done[d] = anyio.Event()
+            await done.wait()
+            return
+        self._busy[d] = True
+        try:
             await wait(self.fd)
+        finally:
+            self._busy[d] = False
+            done, self._done[d] = self._done[d], None
+            if done is not None:
+                done.set()
 
     def close(self) -> None:
         """The stream is done with the socket: forget the fd; close it if it is our dup.

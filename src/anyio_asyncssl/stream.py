@@ -84,7 +84,7 @@ class AsyncTLSStream(ByteStream):
                 return b""
 
         self._driver = Driver(self._conn, transport.send, receive, sock=self._sock,
-                              busy_error=lambda what: BusyResourceError(_ACTIONS[what]))
+                              busy_error=_busy_error)
 
     @classmethod
     async def wrap(
@@ -318,3 +318,7 @@ async def connect_tcp(
     except BaseException:
         await aclose_forcefully(stream)
         raise
+
+
+def _busy_error(what: str) -> Exception:
+    return BusyResourceError(_ACTIONS[what])

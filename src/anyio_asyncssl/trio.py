@@ -144,7 +144,7 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
         # like trio.SSLStream, a server holds its TLS 1.3 tickets until it sends
         self._driver = Driver(self._conn, self._io.send, self._io.receive, sock=sock,
                               hold_session_tickets=True,
-                              busy_error=lambda what: trio.BusyResourceError(_BUSY[what]))
+                              busy_error=_busy_error)
 
     # -- the one error mapping ------------------------------------------------------
     def _check(self) -> None:
@@ -521,3 +521,7 @@ async def serve_tls_over_tcp(
         port, context, host=host, https_compatible=https_compatible, backlog=backlog)
     await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery,
                                task_status=task_status)
+
+
+def _busy_error(what: str) -> Exception:
+    return trio.BusyResourceError(_BUSY[what])
