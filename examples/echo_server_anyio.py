@@ -1,8 +1,10 @@
 """A TLS echo server on anyio with private-key offload.
 
-    python examples/echo_server_anyio.py --cert server.pem [--port 8443]
+    asyncssl cert --cert-out cert.pem --key-out key.pem     # a test certificate
+    python examples/echo_server_anyio.py --cert cert.pem --key key.pem [--port 8443]
 
-Without --cert it makes a self-signed certificate.  Try it with
+Without --cert it makes a self-signed certificate (``--write-cert`` saves it
+for clients' ``--cafile``); ``--port 0`` takes any free port and prints it.  Try it with
 ``openssl s_client -connect 127.0.0.1:8443`` or ``examples/client_anyio.py``.
 """
 
@@ -25,12 +27,12 @@ async def echo(stream: AsyncTLSStream) -> None:
     peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
     print(f"{peer}: {stream.extra(TLSAttribute.tls_version)}, "
           f"handshake pauses: {stream.extra(AsyncTLSAttribute.pauses)}")
-    async with stream:
-        try:
+    try:
+        async with stream:   # closing it sends close_notify: the client may be gone
             while True:
                 await stream.send(await stream.receive())
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            pass
+    except (anyio.EndOfStream, anyio.BrokenResourceError):
+        pass
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -43,10 +45,19 @@ async def main(args: argparse.Namespace) -> None:
             cert, key = generate_self_signed("localhost")
             (Path(tmp) / "server.pem").write_bytes(key + cert)
             context.load_cert_chain(Path(tmp) / "server.pem")
-        listener = AsyncTLSListener(await anyio.create_tcp_listener(
-            local_host="127.0.0.1", local_port=args.port), context)
-        print(f"listening on 127.0.0.1:{args.port}")
+            if args.write_cert:
+                Path(args.write_cert).write_bytes(cert)
+        tcp = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=args.port)
+        listener = AsyncTLSListener(tcp, context)
+        print(f"listening on 127.0.0.1:{tcp.extra(anyio.abc.SocketAttribute.local_port)}",
+              flush=True)
         await listener.serve(echo)
+
+
+def is_ctrl_c(exc: BaseException) -> bool:
+    """Ctrl-C, perhaps inside the exception groups trio wraps it in."""
+    subs = getattr(exc, "exceptions", None)
+    return isinstance(exc, KeyboardInterrupt) or (bool(subs) and all(map(is_ctrl_c, subs)))
 
 
 if __name__ == "__main__":
@@ -54,9 +65,11 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, default=8443)
     p.add_argument("--cert")
     p.add_argument("--key")
+    p.add_argument("--write-cert", help="save the generated certificate here")
     p.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
     a = p.parse_args()
     try:
         anyio.run(main, a, backend=a.backend)
-    except KeyboardInterrupt:
-        pass
+    except BaseException as exc:
+        if not is_ctrl_c(exc):
+            raise

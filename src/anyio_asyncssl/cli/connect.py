@@ -21,6 +21,7 @@ import argparse
 import errno
 import hashlib
 import os
+import signal
 import socket
 import ssl
 import stat
@@ -168,14 +169,11 @@ async def _read_input(fd: int) -> bytes:
     return await anyio.to_thread.run_sync(os.read, fd, CHUNK)
 
 
-async def _session(args: argparse.Namespace, host: str, port: int, ctx: TLSContext) -> str:
-    """The session; returns how it ended."""
-    stream = await _open(args, host, port, ctx)
-    if not args.quiet:
-        _describe(stream, args, args.sni or host)
+async def _copy(args: argparse.Namespace, stream: AsyncTLSStream) -> str:
+    """Copy both ways until the server closes; returns how it ended."""
     out = sys.stdout.buffer
     ended = "closed by the server"
-    async with stream, anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg:
         async def to_server() -> None:
             fd = sys.stdin.fileno()
             try:
@@ -202,6 +200,38 @@ async def _session(args: argparse.Namespace, host: str, port: int, ctx: TLSConte
     return ended
 
 
+async def _session(args: argparse.Namespace, host: str, port: int, ctx: TLSContext) -> str:
+    """The session, or ``"interrupted"`` on Ctrl-C/SIGTERM.
+
+    The signals are received here, as events, rather than raised into
+    whatever code runs when they arrive: the copy is cancelled at an await
+    and the connection closed without waiting for the server.
+    """
+    ended = "interrupted"
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            async def watch() -> None:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+            tg.start_soon(watch)
+            stream = await _open(args, host, port, ctx)
+            try:
+                if not args.quiet:
+                    _describe(stream, args, args.sni or host)
+                ended = await _copy(args, stream)
+            finally:
+                with anyio.move_on_after(2, shield=True):
+                    try:
+                        await stream.aclose()
+                    except (BrokenResourceError, ClosedResourceError):
+                        pass
+                await anyio.aclose_forcefully(stream)
+            tg.cancel_scope.cancel()
+    return ended
+
+
 def run(args: argparse.Namespace) -> int:
     host, port = host_and_port(args.target)
     ctx = _context(args)
@@ -209,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("standard input is closed")
     backend = "trio" if _has_trio() else "asyncio"
     ended = anyio.run(_session, args, host, port, ctx, backend=backend)
+    if ended == "interrupted":
+        return 130
     if not args.quiet:
         _say(ended)
     return 0
