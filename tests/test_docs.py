@@ -1,0 +1,125 @@
+"""Every ```python block in README.md and docs/*.md runs.
+
+A page's blocks run in order as one program (a tutorial builds on its
+earlier blocks), in a fresh interpreter, in a directory holding the files the
+docs name (cert.pem, key.pem, server.pem, ca.pem).  ``anyio.run`` and
+``trio.run`` are wrapped: the server a snippet starts on 127.0.0.1:8443 must
+echo for a stdlib client, and a ``client()`` the page defines must run
+against it; then the server is cancelled.  A block preceded by
+``<!-- docs-test: skip: REASON -->`` (hardware the test machine lacks) is
+only compiled.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from anyio_asyncssl.selfsigned import generate_self_signed
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"(?:<!-- docs-test: skip: (?P<skip>[^>]+?) -->\n)?```python\n(?P<code>.*?)```",
+                   re.S)
+
+PRELUDE = '''
+# private names only: a block must import what it uses itself
+import socket as _socket, ssl as _ssl, time as _time
+import anyio as _anyio
+try:
+    import trio as _trio
+except ImportError:
+    _trio = None
+PORT = 8443
+EXERCISED = []
+
+def _echo_client():
+    deadline = _time.monotonic() + 30
+    while True:
+        try:
+            raw = _socket.create_connection(("127.0.0.1", PORT), timeout=5)
+            break
+        except OSError:
+            if _time.monotonic() > deadline:
+                raise
+            _time.sleep(0.05)
+    ctx = _ssl.create_default_context(cafile="ca.pem")
+    with raw, ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"docs")
+        assert tls.recv(10) == b"docs"
+
+async def _exercised(fn, *args):
+    async with _anyio.create_task_group() as tg:
+        tg.start_soon(fn, *args)
+        await _anyio.to_thread.run_sync(_echo_client)
+        EXERCISED.append(fn.__name__)
+        client = globals().get("client")
+        if client is not None:
+            with _anyio.fail_after(30):
+                await client()
+            EXERCISED.append("client")
+        tg.cancel_scope.cancel()
+
+def _wrap(real):
+    def run(fn, *args, **kw):
+        return real(_exercised, fn, *args, **kw)
+    return run
+
+_anyio.run = _wrap(_anyio.run)
+if _trio is not None:
+    _trio.run = _wrap(_trio.run)
+'''
+
+EPILOGUE = '''
+# a page that defines client() after starting its server: run them together
+if "client" in globals() and "client" not in EXERCISED and "main" in globals():
+    import gc as _gc
+    _gc.collect()    # the first server's listening socket (snippets do not close it)
+    (_trio.run if USES_TRIO else _anyio.run)(main)
+    assert "client" in EXERCISED
+print("EXERCISED", EXERCISED)
+'''
+
+
+def blocks(page: Path) -> list[tuple[str, str | None]]:
+    return [(m["code"], m["skip"]) for m in BLOCK.finditer(page.read_text())]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("docs")
+    cert, key = generate_self_signed("localhost")
+    (d / "cert.pem").write_bytes(cert)
+    (d / "ca.pem").write_bytes(cert)
+    (d / "key.pem").write_bytes(key)
+    (d / "server.pem").write_bytes(key + cert)
+    return d
+
+
+def test_every_python_block_compiles_and_skips_say_why() -> None:
+    seen = 0
+    for page in PAGES:
+        for code, skip in blocks(page):
+            compile(code, f"{page.name} block", "exec")
+            assert skip is None or len(skip.strip()) > 10, (page.name, skip)
+            seen += 1
+    assert seen >= 10
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if any(s is None for _, s in blocks(p))],
+                         ids=lambda p: p.name)
+def test_every_python_block_runs(page: Path, files: Path) -> None:
+    runnable = [code for code, skip in blocks(page) if skip is None]
+    source = "\n".join(runnable)
+    program = (textwrap.dedent(PRELUDE) + f"USES_TRIO = {'trio.run(' in source}\n"
+               + source + textwrap.dedent(EPILOGUE))
+    proc = subprocess.run([sys.executable, "-c", program], cwd=files, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"{page.name}:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    if "anyio.run(" in source or "trio.run(" in source:
+        assert "EXERCISED ['main'" in proc.stdout, proc.stdout
