@@ -324,6 +324,21 @@ def test_connect_copies_until_the_server_closes(tmp_path: Path) -> None:
     srv.stop()
 
 
+def test_connect_shows_the_verified_chain(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "chain.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    srv = start(tmp_path, "--cert", str(tmp_path / "chain.pem"), "--no-offload")
+    proc = run("connect", f"127.0.0.1:{srv.port}", "--cafile", str(tmp_path / "ca.pem"),
+               input=b"")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "certificate 0: subject" in err and "certificate 1: subject" in err   # leaf, root
+    assert "verification: OK" in err
+    srv.stop()
+
+
 def test_connect_forms_versions_and_alpn(server: Server) -> None:
     proc = run("connect", "127.0.0.1", str(server.port), "--cafile", str(server.cert),
                "--tls1.2", "--alpn", "echo", input=b"twelve")
@@ -423,6 +438,55 @@ def test_connect_is_interactive_on_a_terminal(server: Server) -> None:
         os.write(master, b"second\n")
         assert b"second" in read_until(b"second")
         os.write(master, b"\x04")                           # Ctrl-D: end of input
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        os.close(master)
+
+
+# == bench ========================================================================
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="asyncssl bench needs 2 CPUs")
+def test_bench_prints_the_comparison_and_draws_it(tmp_path: Path) -> None:
+    chart = tmp_path / "chart.png"
+    proc = run("bench", "--smoke", "--plot", str(chart), "--out", str(tmp_path / "out"),
+               timeout=300)
+    out = proc.stdout.decode()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        one_line_error(proc, "--plot needs matplotlib")
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert chart.stat().st_size > 10_000
+    rows = {ln.split("  ")[0]: ln for ln in out.splitlines() if "(" in ln and "x)" in ln}
+    assert set(rows) >= {"anyio-asyncssl (trio face), offload", "trio.SSLStream",
+                         "anyio-asyncssl (trio face), no offload", "anyio TLSStream (trio)"}
+    assert rows["trio.SSLStream"].count("(1.00x)") == 5
+    assert b"8/8" in proc.stderr                         # the progress bar got to the end
+    assert (tmp_path / "out" / "RESULTS.md").exists()
+
+
+def test_serve_asks_for_the_password_on_a_terminal(tmp_path: Path) -> None:
+    cert, key = _encrypted_pair(tmp_path, b"typed-in")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*ASYNCSSL, "serve", "--port", "0", "--no-offload",
+                             "--cert", str(cert), "--key", str(key)],
+                            stdin=slave, stdout=subprocess.PIPE, stderr=slave, text=True,
+                            env=ENV, start_new_session=True)
+    os.close(slave)
+    try:
+        got = b""
+        deadline = time.monotonic() + 20
+        while b"password for" not in got and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                got += os.read(master, 1024)
+        assert str(key).encode() in got, got            # the prompt names the key file
+        os.write(master, b"typed-in\n")
+        assert proc.stdout is not None
+        assert "TLS echo server on 127.0.0.1:" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
     finally:
         if proc.poll() is None:

@@ -303,3 +303,23 @@ def test_load_provider_changes_only_its_own_context(pki: Pki, offload: A.Offload
     pump(c, s, timeout=TIMEOUT)
     assert _send(c, s, b"x" * 1000) == b"x" * 1000
     assert cipher_counters() == paused0  # the default provider's ciphers, no pauses
+
+
+def test_peer_chains_verified_and_as_sent(pki: Pki) -> None:
+    client = A.TLSConnection(pki.client_ctx(), server_hostname="localhost")
+    server = A.TLSConnection(pki.server_ctx("rsa"), server_side=True)
+    pump(client, server)
+    leaf = client.getpeercert(True)
+    ca = ssl.PEM_cert_to_DER_cert(pki.ca.cert_pem.bytes().decode())
+    # verified: leaf first, up to the trusted root; as sent: the server's chain file
+    assert client.get_verified_chain() == [leaf, ca]
+    assert client.get_unverified_chain()[0] == leaf
+    assert ca not in client.get_unverified_chain()
+    decoded = client.get_verified_chain(binary_form=False)
+    assert decoded[0] == client.getpeercert()
+    assert decoded[1]["subject"] == decoded[1]["issuer"]          # the self-signed root
+    # the server asked for no client certificate: nothing to show
+    assert server.get_verified_chain() == [] and server.get_unverified_chain() == []
+    fresh = A.TLSConnection(pki.client_ctx(), server_hostname="localhost")
+    with pytest.raises(ValueError):
+        fresh.get_verified_chain()

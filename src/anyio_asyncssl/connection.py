@@ -740,6 +740,27 @@ class TLSConnection:
             return None
         return bytes(ffi.buffer(data[0], n[0])).decode("ascii", "replace")
 
+    def get_verified_chain(self, binary_form: bool = True) -> list[Any]:
+        """The peer's chain as verified, leaf first (``[]`` unverified).
+
+        DER bytes, as ``SSLSocket.get_verified_chain()`` (Python 3.13), or
+        with ``binary_form=False`` the dicts :meth:`getpeercert` gives.
+        """
+        return self._chain(1, binary_form)
+
+    def get_unverified_chain(self, binary_form: bool = True) -> list[Any]:
+        """The peer's chain as it sent it (a server's view lacks the client's leaf)."""
+        return self._chain(0, binary_form)
+
+    def _chain(self, verified: int, binary_form: bool) -> list[Any]:
+        if not self._handshake_done:
+            raise ValueError("handshake not done yet")
+        ssl_ = self._owned().ssl
+        out: list[Any] = []
+        while (x := lib.asx_chain_cert(ssl_, verified, len(out))) != ffi.NULL:
+            out.append(peercert.der(x) if binary_form else peercert.decode(x))
+        return out
+
     def getpeercert(self, binary_form: bool = False) -> Any:
         """The peer's certificate: DER bytes, or the stdlib's dict (``{}`` if unverified)."""
         if not self._handshake_done:

@@ -327,6 +327,10 @@ void asx_free_secret(char *s);
 /* URIs of AIA (kind 0 OCSP, 1 caIssuers) or CRL distribution points (2),
  * NUL-separated into |buf|; how many, or -1 when |buf| is too small */
 int asx_cert_uris(X509 *x, int kind, char *buf, size_t cap);
+/* the |i|th certificate of the peer's chain as sent (|verified| 0: a
+ * server's view lacks the client's leaf, as in OpenSSL) or as verified (1,
+ * leaf first); NULL past the end.  Not up-ref'd: valid while |ssl| lives */
+X509 *asx_chain_cert(const SSL *ssl, int verified, int i);
 /* cffi: end */
 
 #endif

@@ -14,7 +14,12 @@
  * NUL-separated into the caller's buffer: no allocation crosses the
  * boundary.  It returns how many URIs it wrote, or -1 when |buf| is too
  * small (the caller retries with a larger one).
+ *
+ * asx_chain_cert() reads the peer's chain (STACK_OF(X509), a macro type
+ * cffi cannot declare) one certificate at a time, for get_verified_chain()
+ * and get_unverified_chain().
  */
+#include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 #include <string.h>
@@ -81,4 +86,14 @@ int asx_cert_uris(X509 *x, int kind, char *buf, size_t cap)
         return n;
     }
     return 0;
+}
+
+X509 *asx_chain_cert(const SSL *ssl, int verified, int i)
+{
+    STACK_OF(X509) *chain = verified ? SSL_get0_verified_chain(ssl)
+                                     : SSL_get_peer_cert_chain(ssl);
+
+    if (chain == NULL || i < 0 || i >= sk_X509_num(chain))
+        return NULL;
+    return sk_X509_value(chain, i);
 }

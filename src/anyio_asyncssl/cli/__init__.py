@@ -2,9 +2,11 @@
 
 ``serve`` (serve.py) runs a TLS server, ``connect`` (connect.py) a client
 in the manner of ``openssl s_client``, ``cert`` (cert.py) writes a
-self-signed certificate.  Every error a user can cause is one line
-on stderr and exit status 1 (argparse's usage errors: 2); Ctrl-C is 130.
-Never a traceback for those: a traceback here is a bug.
+self-signed certificate, ``bench`` (bench.py) measures this library against
+trio.SSLStream and anyio's TLSStream with the benchmark harness.  Every
+error a user can cause is one line on stderr and exit status 1 (argparse's
+usage errors: 2); Ctrl-C is 130.  Never a traceback for those: a traceback
+here is a bug.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 from .. import __version__
 from .._ffi import OPENSSL_VERSION
 from ..errors import TLSError
-from . import cert, connect, serve
+from . import bench, cert, connect, serve
 from .common import CLIError
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="TLS on OpenSSL's async mode for anyio and trio")
     p.add_argument("--version", action="version", version=VERSION)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (serve, connect, cert):
+    for module in (serve, connect, cert, bench):
         module.add_parser(sub)
     for action in sub.choices.values():
         action.add_argument("--version", action="version", version=VERSION)

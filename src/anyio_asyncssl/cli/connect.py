@@ -115,13 +115,15 @@ def _describe(stream: AsyncTLSStream, args: argparse.Namespace, verified_name: s
     _say(f"{stream.extra(TLSAttribute.tls_version, '?')}, cipher {cipher[0]} ({cipher[2]} bits), "
          f"ALPN {stream.extra(TLSAttribute.alpn_protocol, None) or 'none'}")
     der = stream.extra(TLSAttribute.peer_certificate_binary, None)
-    cert: dict[str, Any] = dict(stream.extra(TLSAttribute.peer_certificate, None)  # type: ignore[arg-type]
-                                or {})
-    if cert:
+    conn = stream.ssl_object
+    chain = conn.get_verified_chain(False) if not args.insecure else []
+    if not chain:     # unverified: what the server sent
+        chain = conn.get_unverified_chain(False)
+    for depth, cert in enumerate(chain):
         names = ", ".join(f"{k}:{v}" for k, v in cert.get("subjectAltName", ()))
-        _say(f"server certificate: subject {_name(cert.get('subject'))}; issuer "
+        _say(f"certificate {depth}: subject {_name(cert.get('subject'))}; issuer "
              f"{_name(cert.get('issuer'))}; valid {cert.get('notBefore')} to "
-             f"{cert.get('notAfter')}; names {names or 'none'}")
+             f"{cert.get('notAfter')}" + (f"; names {names}" if names else ""))
     if der:
         digest = hashlib.sha256(der).hexdigest().upper()
         _say("server certificate SHA-256 fingerprint "

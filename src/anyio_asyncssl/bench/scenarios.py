@@ -11,13 +11,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from . import peers as P
 
 HERE = Path(__file__).resolve().parent
-LOAD = str(HERE / "load.py")
+LOAD = ["-m", "anyio_asyncssl.bench.load"]
 SERVER_CPU = {0}   # the saturated and bulk scenarios pin the server here
 LOAD_CPU = {1}     # and the load here
 
@@ -65,7 +66,7 @@ def make_certs(tmp: Path) -> dict[str, tuple[str, str]]:
 
 
 def load(args: list[str], cpus: set[int] | None, timeout: float) -> dict[str, Any]:
-    r = subprocess.run([sys.executable, LOAD, *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, *LOAD, *args], capture_output=True, text=True,
                        timeout=timeout, preexec_fn=P.pin(cpus))
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -128,7 +129,7 @@ def run_memory(peer: str, cert: tuple[str, str], cfg: Config) -> dict[str, Any]:
     n = cfg.mem_connections
     with P.start(peer, *cert, None, "memory") as srv:
         srv.begin()
-        proc = subprocess.Popen([sys.executable, LOAD, "hold", str(srv.port),
+        proc = subprocess.Popen([sys.executable, *LOAD, "hold", str(srv.port),
                                  "--connections", str(n)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -149,9 +150,9 @@ def run_memory(peer: str, cert: tuple[str, str], cfg: Config) -> dict[str, Any]:
 
 
 def run_sansio_memory(kind: str, pem: str, cfg: Config) -> dict[str, Any]:
-    r = subprocess.run([sys.executable, str(HERE / "sansio_memory.py"), kind, pem,
+    r = subprocess.run([sys.executable, "-m", "anyio_asyncssl.bench.sansio_memory", kind, pem,
                         str(cfg.mem_connections)], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, PYTHONPATH=str(P.ROOT)))
+                       env=dict(os.environ))
     if r.returncode:
         raise RuntimeError(last_line(r.stderr))
     return {"kib_per_conn": json.loads(r.stdout)["kib_per_connection"]}
@@ -199,7 +200,8 @@ def calibrate_load(cert: tuple[str, str], seconds: float, log: Log) -> dict[str,
 Results = dict[str, dict[str, dict[str, list[dict[str, Any]]]]]
 
 
-def _one(results: Results, scenario: str, variant: str, peer: str, fn: Callable[[], Any],
+def _one(results: Results, scenario: str, variant: str, peer: str,
+         fn: Callable[[], dict[str, Any]],
          log: Log) -> None:
     t0 = time.perf_counter()
     try:
@@ -232,8 +234,9 @@ def run_all(cfg: Config, ids: list[str], certs: dict[str, tuple[str, str]], tmp:
             for rep in range(cfg.reps):
                 log(f"saturated {key}, repetition {rep + 1}/{cfg.reps}")
                 for p in peers_for("saturated"):
-                    _one(res, "saturated", key, p, lambda p=p, key=key: run_handshakes(
-                        p, certs[key], cfg, cfg.sat_seconds, None, pinned=True), log)
+                    _one(res, "saturated", key, p, partial(
+                        run_handshakes, p, certs[key], cfg, cfg.sat_seconds, None,
+                        pinned=True), log)
     if "half" in cfg.scenarios:
         for key in cfg.half_keys:
             cap = median_of(res, "saturated", key, P.BASELINE, "hs_per_s")
@@ -247,24 +250,25 @@ def run_all(cfg: Config, ids: list[str], certs: dict[str, tuple[str, str]], tmp:
                 log(f"half load {key} at {rate:.0f} handshakes/s, repetition "
                     f"{rep + 1}/{cfg.reps}")
                 for p in peers_for("half"):
-                    _one(res, "half", key, p, lambda p=p, key=key, rate=rate: run_handshakes(
-                        p, certs[key], cfg, cfg.half_seconds, rate, pinned=False), log)
+                    _one(res, "half", key, p, partial(
+                        run_handshakes, p, certs[key], cfg, cfg.half_seconds, rate,
+                        pinned=False), log)
     if "bulk" in cfg.scenarios:
         for rep in range(cfg.reps):
             log(f"bulk {cfg.bulk_mib:g} MiB each way, repetition {rep + 1}/{cfg.reps}")
             for p in peers_for("bulk"):
-                _one(res, "bulk", "p256", p, lambda p=p: run_bulk(p, certs["p256"], cfg), log)
+                _one(res, "bulk", "p256", p, partial(run_bulk, p, certs["p256"], cfg), log)
     if "memory" in cfg.scenarios:
         pem = str(tmp / "p256.pem")
         for rep in range(cfg.reps):
             log(f"memory, {cfg.mem_connections} idle connections, repetition "
                 f"{rep + 1}/{cfg.reps}")
             for p in peers_for("memory"):
-                _one(res, "memory", "p256", p, lambda p=p: run_memory(p, certs["p256"], cfg),
+                _one(res, "memory", "p256", p, partial(run_memory, p, certs["p256"], cfg),
                      log)
             for kind in ("stdlib-sslobject", "asyncssl", "asyncssl-offload"):
                 _one(res, "memory-sansio", "p256", kind,
-                     lambda kind=kind: run_sansio_memory(kind, pem, cfg), log)
+                     partial(run_sansio_memory, kind, pem, cfg), log)
     return res
 
 

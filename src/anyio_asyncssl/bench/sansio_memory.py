@@ -1,6 +1,6 @@
 """Memory per established connection, sans I/O: our TLSConnection against ssl.SSLObject.
 
-    python benchmarks/harness/sansio_memory.py KIND CERT_AND_KEY_PEM N
+    python -m anyio_asyncssl.bench.sansio_memory KIND CERT_AND_KEY_PEM N
 
 N client/server pairs handshake over memory BIOs in one thread, exchange 100
 bytes and stay open; prints the growth of the resident set divided by 2N, in

@@ -1,6 +1,6 @@
 """A plain-TCP echo server (no TLS): the backend nginx's stream module proxies to.
 
-    python benchmarks/harness/tcp_echo.py PORT
+    python -m anyio_asyncssl.bench.tcp_echo PORT
 
 Non-blocking with flow control (reading pauses while the write buffer is
 full), so it never deadlocks as a `socat ... PIPE` echo did (a blocking write
@@ -16,7 +16,8 @@ import sys
 
 class Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         transport.set_write_buffer_limits(high=1 << 20)
 
     def data_received(self, data: bytes) -> None:

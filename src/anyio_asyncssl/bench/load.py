@@ -1,8 +1,8 @@
 """Load generators, each run as its own process (so it never shares the server's loop).
 
-    python benchmarks/harness/load.py handshake PORT --concurrency 16 --seconds 5 [--rate R]
-    python benchmarks/harness/load.py bulk PORT --mib 256
-    python benchmarks/harness/load.py hold PORT --connections 1000
+    python -m anyio_asyncssl.bench.load handshake PORT --concurrency 16 --seconds 5 [--rate R]
+    python -m anyio_asyncssl.bench.load bulk PORT --mib 256
+    python -m anyio_asyncssl.bench.load hold PORT --connections 1000
 
 * ``handshake``: full TLS 1.3 handshakes (no resumption, no certificate
   check, as ``openssl s_time -new``) over non-blocking stdlib ``ssl`` sockets

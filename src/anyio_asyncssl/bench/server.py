@@ -1,6 +1,6 @@
 """One Python server peer in its own process: a TLS echo server with a 1 ms ticker.
 
-    python benchmarks/harness/server.py PEER CERTFILE KEYFILE
+    python -m anyio_asyncssl.bench.server PEER CERTFILE KEYFILE
 
 Prints ``READY <port>`` once it listens on 127.0.0.1.  Then it obeys lines on
 standard input:
@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 TICK = 0.001
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -129,7 +129,7 @@ def asyncssl_context(peer: str, certfile: str, keyfile: str) -> Any:
     import anyio_asyncssl as A
 
     offload = None if peer.endswith("-nooffload") else A.Offload(workers=2)
-    mode = "always" if peer.endswith("-always") else None
+    mode: Literal["always"] | None = "always" if peer.endswith("-always") else None
     ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=offload, async_mode=mode)
     ctx.load_cert_chain(certfile, keyfile)
     M.offload = offload

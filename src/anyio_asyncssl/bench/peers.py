@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -61,7 +60,7 @@ PEERS: list[Peer] = [
     Peer("uvloop", "uvloop start_server(ssl=)", PYTHON),
     Peer("nginx", "nginx (C, 1 worker)", C, NO_LOOP,
          note="handshakes: http server, no request sent; bulk and memory: stream module "
-              "TLS termination proxying to a plain-TCP echo (harness/tcp_echo.py, uvloop, "
+              "TLS termination proxying to a plain-TCP echo (bench/tcp_echo.py, uvloop, "
               "not pinned; its CPU and memory are not counted)"),
     Peer("socat", "socat (C, fork per connection)", C, frozenset({"saturated", "bulk"}),
          note="OPENSSL-LISTEN,fork PIPE: one process per connection, echo through a pipe; "
@@ -280,9 +279,9 @@ class Server:
 
 class PythonServer(Server):
     def __init__(self, peer: str, cert: str, key: str, cpus: set[int] | None) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ)
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "server.py"), peer, cert, key],
+            [sys.executable, "-m", "anyio_asyncssl.bench.server", peer, cert, key],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
             preexec_fn=pin(cpus))
         line = self._line(60)
@@ -427,8 +426,9 @@ def start_nginx(cert: str, key: str, cpus: set[int] | None, echo: bool) -> Serve
     if echo:
         back = free_port()
         # not pinned: the echo's CPU is not nginx's, and should not take nginx's core
-        backend = subprocess.Popen([sys.executable, str(HERE / "tcp_echo.py"), str(back)],
-                                   stderr=subprocess.DEVNULL)
+        backend = subprocess.Popen(
+            [sys.executable, "-m", "anyio_asyncssl.bench.tcp_echo", str(back)],
+            stderr=subprocess.DEVNULL)
         wait_listening_tls(back)
         conf = (f"load_module {stream_module()};\n{common}"
                 "events { worker_connections 8192; }\n"
