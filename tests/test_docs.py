@@ -13,6 +13,8 @@ only compiled.
 from __future__ import annotations
 
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -123,3 +125,79 @@ def test_every_python_block_runs(page: Path, files: Path) -> None:
     assert proc.returncode == 0, f"{page.name}:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     if "anyio.run(" in source or "trio.run(" in source:
         assert "EXERCISED ['main'" in proc.stdout, proc.stdout
+
+
+# == shell blocks =====================================================================
+SH_BLOCK = re.compile(r"```sh\n(?P<code>.*?)```", re.S)
+ASYNCSSL = [sys.executable, "-m", "anyio_asyncssl"]
+
+
+def sh_commands(page: Path) -> list[str]:
+    """The block lines of a page, comments dropped; installation lines (what CI does) out."""
+    out = []
+    for m in SH_BLOCK.finditer(page.read_text()):
+        for line in m["code"].splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith(("pip install", "apt-get install")):
+                out.append(line)
+    return out
+
+
+def _prepare(d: Path) -> None:
+    cert, key = generate_self_signed("localhost")
+    (d / "cert.pem").write_bytes(cert)
+    (d / "key.pem").write_bytes(key)
+    (d / "pw.txt").write_text("unused: the key is not encrypted\n")
+
+
+def _serve(d: Path, args: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([*ASYNCSSL, *args], cwd=d, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    banner = proc.stdout.readline()
+    assert "server on" in banner, (args, banner, proc.poll())
+    return proc
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("page", [p for p in sorted((ROOT / "docs").glob("*.md"))
+                                  if SH_BLOCK.search(p.read_text())], ids=lambda p: p.name)
+def test_every_shell_command_in_the_docs_runs(page: Path, tmp_path: Path) -> None:
+    """Each ``asyncssl`` line of the page, as written (``bench`` in its --smoke mode)."""
+    commands = sh_commands(page)
+    for i, line in enumerate(commands):
+        d = tmp_path / str(i)
+        d.mkdir()
+        stdin = b""
+        pipe = re.match(r"echo (\S+) \| (.*)", line)
+        if pipe:
+            stdin, line = pipe[1].encode() + b"\n", pipe[2]
+        args = shlex.split(line)
+        assert args[0] == "asyncssl", f"{page.name}: not a command the test knows: {line}"
+        args = args[1:]
+        if args[0] in ("serve", "connect"):
+            _prepare(d)
+        if args[0] == "serve":
+            _stop(_serve(d, args))
+            continue
+        server = _serve(d, ["serve", "--write-cert", "ca.pem"]) if args[0] == "connect" else None
+        if args[0] == "bench":
+            args.append("--smoke")
+        try:
+            proc = subprocess.run([*ASYNCSSL, *args], cwd=d, input=stdin, capture_output=True,
+                                  timeout=300)
+        finally:
+            if server is not None:
+                _stop(server)
+        assert proc.returncode == 0, f"{page.name}: {line}\n{proc.stderr.decode()[-2000:]}"
+        if stdin:
+            assert proc.stdout == stdin, (line, proc.stdout)
