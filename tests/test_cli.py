@@ -266,6 +266,9 @@ def test_serve_key_errors_name_the_file(tmp_path: Path) -> None:
                    "missing.pem", "no such file")
     (tmp_path / "garbage.pem").write_text("not a certificate\n")
     one_line_error(run("serve", "--cert", str(tmp_path / "garbage.pem")), "garbage.pem")
+    # unreadable (a directory: permissions do not stop root, who runs CI)
+    (tmp_path / "a-directory.pem").mkdir()
+    one_line_error(run("serve", "--cert", str(tmp_path / "a-directory.pem")), "a-directory.pem")
 
 
 def test_serve_writes_the_generated_key_and_certificate(tmp_path: Path) -> None:
@@ -493,3 +496,24 @@ def test_serve_asks_for_the_password_on_a_terminal(tmp_path: Path) -> None:
             proc.kill()
         proc.communicate()
         os.close(master)
+
+
+def test_connect_to_a_server_that_does_not_speak_tls_is_one_line() -> None:
+    import threading
+
+    with socket.socket() as plain:
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        port = plain.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = plain.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\nnot TLS here\r\n")
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        one_line_error(run("connect", f"127.0.0.1:{port}", "--timeout", "10"),
+                       f"TLS handshake with 127.0.0.1:{port} failed")
+        t.join(10)
