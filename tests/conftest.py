@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import signal
 import ssl
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -104,3 +106,17 @@ def recording_handler(handler: Callable[[Any], Awaitable[None]],
                 await anyio.aclose_forcefully(stream)
 
     return guarded
+
+
+def stop_with_ctrl_c(proc: subprocess.Popen[str]) -> str:
+    """SIGINT a server process: it must exit 0 without a traceback; its stdout."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    return out

@@ -15,13 +15,13 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import stop_with_ctrl_c
 
 from anyio_asyncssl.selfsigned import generate_self_signed
 
@@ -160,16 +160,6 @@ def _serve(d: Path, args: list[str]) -> subprocess.Popen[str]:
     return proc
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0 and "Traceback" not in err, err
-
-
 @pytest.mark.parametrize("page", [p for p in sorted((ROOT / "docs").glob("*.md"))
                                   if SH_BLOCK.search(p.read_text())], ids=lambda p: p.name)
 def test_every_shell_command_in_the_docs_runs(page: Path, tmp_path: Path) -> None:
@@ -188,7 +178,7 @@ def test_every_shell_command_in_the_docs_runs(page: Path, tmp_path: Path) -> Non
         if args[0] in ("serve", "connect"):
             _prepare(d)
         if args[0] == "serve":
-            _stop(_serve(d, args))
+            stop_with_ctrl_c(_serve(d, args))
             continue
         server = _serve(d, ["serve", "--write-cert", "ca.pem"]) if args[0] == "connect" else None
         if args[0] == "bench":
@@ -198,7 +188,7 @@ def test_every_shell_command_in_the_docs_runs(page: Path, tmp_path: Path) -> Non
                                   timeout=300)
         finally:
             if server is not None:
-                _stop(server)
+                stop_with_ctrl_c(server)
         if "--plot" in args and importlib.util.find_spec("matplotlib") is None:
             # without the plot extra that line says what to install, in one line
             assert proc.returncode == 1 and b"pip install 'anyio-asyncssl[plot]'" in proc.stderr

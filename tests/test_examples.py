@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import stop_with_ctrl_c
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -31,18 +31,6 @@ def start(name: str, *args: str) -> tuple[subprocess.Popen[str], int]:
         proc.kill()
         raise AssertionError(f"{name}: {line!r} {proc.communicate()[1]}")
     return proc, int(m.group(1))
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err, err
 
 
 def hang_up_rudely(port: int, ctx: ssl.SSLContext) -> None:
@@ -68,7 +56,7 @@ def test_echo_server_examples_survive_rude_clients(tmp_path: Path, name: str) ->
         assert out.returncode == 0, out.stderr
         assert "echo: b'hello over async TLS\\n'" in out.stdout
     finally:
-        stop(proc)
+        stop_with_ctrl_c(proc)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -88,7 +76,7 @@ def test_https_server_example_answers_http(tmp_path: Path, backend: str) -> None
             assert b"GET /hello HTTP/1.1" in r.read()
         conn.close()
     finally:
-        stop(proc)
+        stop_with_ctrl_c(proc)
 
 
 def test_offload_demo_prints_both_rows() -> None:

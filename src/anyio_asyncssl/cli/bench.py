@@ -21,7 +21,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from .common import CLIError
+from .common import CLIError, need_trio
 
 PEERS = {
     "trio": ["asyncssl-trio", "asyncssl-trio-nooffload", "trio-sslstream",
@@ -114,11 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if len(os.sched_getaffinity(0)) < 2:
         raise CLIError("asyncssl bench needs 2 CPUs (server on one, load on the other)")
     if args.backend == "trio":
-        try:
-            import trio  # noqa: F401
-        except ImportError:
-            raise CLIError("the trio peers need trio: pip install 'anyio-asyncssl[trio]'") \
-                from None
+        need_trio("the trio peers")
     ids = PEERS[args.backend]
     with tempfile.TemporaryDirectory(prefix="asyncssl-bench-") as tmp:
         out = Path(args.out) if args.out else Path(tmp)

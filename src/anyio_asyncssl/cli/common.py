@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import hashlib
+import importlib.util
 import os
 import ssl
 import sys
@@ -93,9 +94,23 @@ def format_address(host: str, port: int) -> str:
 
 def fingerprint(cert_pem: bytes) -> str:
     """SHA-256 fingerprint of a PEM certificate, as ``openssl x509 -fingerprint`` prints it."""
-    der = ssl.PEM_cert_to_DER_cert(cert_pem.decode("ascii"))
+    return fingerprint_der(ssl.PEM_cert_to_DER_cert(cert_pem.decode("ascii")))
+
+
+def fingerprint_der(der: bytes) -> str:
+    """SHA-256 fingerprint of a DER certificate (colon-separated hex)."""
     digest = hashlib.sha256(der).hexdigest().upper()
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def have_trio() -> bool:
+    return importlib.util.find_spec("trio") is not None
+
+
+def need_trio(what: str) -> None:
+    """Refuse, in one line, what needs the optional trio."""
+    if not have_trio():
+        raise CLIError(f"{what} needs trio: pip install 'anyio-asyncssl[trio]'")
 
 
 def add_password_options(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import os
 import signal
 import socket
@@ -38,7 +37,9 @@ from ..stream import AsyncTLSStream, connect_tcp
 from .common import (
     CLIError,
     add_password_options,
+    fingerprint_der,
     format_address,
+    have_trio,
     host_and_port,
     load_key_pair,
     positive_seconds,
@@ -125,9 +126,7 @@ def _describe(stream: AsyncTLSStream, args: argparse.Namespace, verified_name: s
              f"{_name(cert.get('issuer'))}; valid {cert.get('notBefore')} to "
              f"{cert.get('notAfter')}" + (f"; names {names}" if names else ""))
     if der:
-        digest = hashlib.sha256(der).hexdigest().upper()
-        _say("server certificate SHA-256 fingerprint "
-             + ":".join(digest[i:i + 2] for i in range(0, len(digest), 2)))
+        _say(f"server certificate SHA-256 fingerprint {fingerprint_der(der)}")
     if args.insecure:
         _say("verification: NOT DONE (--insecure)")
     else:
@@ -239,18 +238,10 @@ def run(args: argparse.Namespace) -> int:
     ctx = _context(args)
     if sys.stdin is None or sys.stdin.closed:
         raise CLIError("standard input is closed")
-    backend = "trio" if _has_trio() else "asyncio"
+    backend = "trio" if have_trio() else "asyncio"
     ended = anyio.run(_session, args, host, port, ctx, backend=backend)
     if ended == "interrupted":
         return 130
     if not args.quiet:
         _say(ended)
     return 0
-
-
-def _has_trio() -> bool:
-    try:
-        import trio  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -44,7 +44,9 @@ from .common import (
     fingerprint,
     format_address,
     generate,
+    have_trio,
     load_key_pair,
+    need_trio,
     port_number,
     positive_seconds,
     worker_count,
@@ -259,22 +261,10 @@ def anyio_backend_name() -> str:
     return str(sniffio.current_async_library())
 
 
-def default_backend() -> str:
-    try:
-        import trio  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "trio"
-
-
 def run(args: argparse.Namespace) -> int:
-    backend = args.backend or default_backend()
+    backend = args.backend or ("trio" if have_trio() else "asyncio")
     if backend == "trio":
-        try:
-            import trio  # noqa: F401
-        except ImportError:
-            raise CLIError("--backend trio needs trio: pip install 'anyio-asyncssl[trio]'") \
-                from None
+        need_trio("--backend trio")
     with tempfile.TemporaryDirectory() as tmp:
         ctx, what, fp = _make_context(args, tmp)
         try:
