@@ -58,7 +58,7 @@ from typing import Any
 
 from . import parking, peercert
 from ._ffi import ffi, lib
-from .context import TLSContext, _idna_name, check_hostname_text
+from .context import TLSContext, _idna_name, check_hostname_text, require_tls_context
 from .errors import (
     AsyncEngineError,
     CertificateVerifyError,
@@ -271,6 +271,7 @@ class TLSConnection:
         read_buffer_size: int = READ_BUFFER_SIZE,
         write_buffer_size: int = WRITE_BUFFER_SIZE,
     ) -> None:
+        context = require_tls_context(context)
         if notify not in ("callback", "fd"):
             raise ValueError("notify must be 'callback' or 'fd'")
         if server_side and server_hostname:

@@ -579,6 +579,48 @@ class TLSContext:
                 f"async_mode={self.async_mode!r}>")
 
 
+def require_tls_context(value: object, argument: str = "context") -> TLSContext:
+    """Return ``value`` if it is a :class:`TLSContext`; raise ``TypeError`` at once if not.
+
+    Every constructor that takes a context calls this before any I/O, so a
+    stdlib :class:`ssl.SSLContext` passed by mistake fails where it is passed,
+    with the recipe for the equivalent :class:`TLSContext`, not at the first
+    handshake.
+    """
+    if isinstance(value, TLSContext):
+        return value
+    if isinstance(value, ssl.SSLContext):
+        server = value.protocol == ssl.PROTOCOL_TLS_SERVER
+        purpose = "CLIENT_AUTH" if server else "SERVER_AUTH"
+        protocol = "PROTOCOL_TLS_SERVER" if server else "PROTOCOL_TLS_CLIENT"
+        raise TypeError(
+            f"{argument} must be an anyio_asyncssl.TLSContext, not an ssl.SSLContext "
+            "(OpenSSL's async mode needs a context of its own).  Build one with the same "
+            f"settings: anyio_asyncssl.create_default_context(ssl.Purpose.{purpose}, "
+            f"cafile=..., offload=anyio_asyncssl.Offload()) or anyio_asyncssl.TLSContext("
+            f"ssl.{protocol}, offload=...), then the same load_cert_chain(), "
+            "load_verify_locations(), set_alpn_protocols() calls; or change `import ssl` "
+            "to `from anyio_asyncssl import ssl`, whose create_default_context() and "
+            "SSLContext make TLSContexts")
+    raise TypeError(
+        f"{argument} must be an anyio_asyncssl.TLSContext, not {type(value).__name__}")
+
+
+def pick_context(context: object, ssl_context: object, argument: str = "context") -> (
+        TLSContext | None):
+    """The context given as ``context=`` or as its stdlib-style alias ``ssl_context=``.
+
+    Both given is a ``TypeError`` (which one was meant?); a value that is not a
+    :class:`TLSContext` is refused by :func:`require_tls_context`.
+    """
+    if context is not None and ssl_context is not None:
+        raise TypeError(f"give {argument}= or ssl_context=, not both")
+    value = context if context is not None else ssl_context
+    if value is None:
+        return None
+    return require_tls_context(value, argument if context is not None else "ssl_context")
+
+
 def check_hostname_text(hostname: str) -> None:
     """Refuse a host name OpenSSL would cut short: a NUL ends a C string.
 

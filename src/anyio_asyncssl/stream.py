@@ -16,6 +16,8 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import wraps
+from ipaddress import IPv4Address, IPv6Address
+from os import PathLike
 from typing import Any
 
 import anyio
@@ -27,17 +29,34 @@ from anyio import (
     aclose_forcefully,
     get_cancelled_exc_class,
 )
-from anyio.abc import AnyByteStream, ByteStream, Listener, TaskGroup
+from anyio.abc import (
+    AnyByteStream,
+    AnyByteStreamConnectable,
+    ByteStream,
+    ByteStreamConnectable,
+    Listener,
+    TaskGroup,
+)
 from anyio.streams.tls import TLSAttribute
 
 from .connection import TLSConnection, TLSSession
-from .context import TLSContext, check_hostname_text, create_default_context
+from .context import TLSContext, check_hostname_text, create_default_context, pick_context
 from .driver import Driver, StreamBroken, StreamClosed
 from .errors import TLSEOFError
 from .offload import Offload
 from .sockets import SocketIO, take_over
 
-__all__ = ["AsyncTLSAttribute", "AsyncTLSListener", "AsyncTLSStream", "connect_tcp"]
+__all__ = [
+    "AsyncTLSAttribute",
+    "AsyncTLSListener",
+    "AsyncTLSStream",
+    "TLSAttribute",
+    "TLSConnectable",
+    "TLSListener",
+    "TLSStream",
+    "as_connectable",
+    "connect_tcp",
+]
 
 # anyio words it "Another task is already <action> this resource"
 _ACTIONS = {"sending": "writing to", "receiving": "reading from"}
@@ -91,29 +110,33 @@ class AsyncTLSStream(ByteStream):
         cls,
         transport_stream: AnyByteStream,
         *,
-        context: TLSContext | None = None,
         server_side: bool | None = None,
         hostname: str | None = None,
-        standard_compatible: bool = True,
-        session: TLSSession | None = None,
         ssl_context: TLSContext | None = None,
+        standard_compatible: bool = True,
+        context: TLSContext | None = None,
+        session: TLSSession | None = None,
         native_socket: bool = True,
     ) -> AsyncTLSStream:
-        """Wrap ``transport_stream`` and do the TLS handshake.
+        """Wrap ``transport_stream`` and do the TLS handshake, like ``TLSStream.wrap()``.
 
-        When ``transport_stream`` is one of anyio's socket streams (and
-        ``native_socket`` is true), OpenSSL reads and writes the socket
-        itself: no ciphertext passes through Python.  Other streams (memory
-        streams, TLS in TLS, your own) go through memory BIOs.
+        anyio's keywords, with the same meaning: ``server_side`` defaults to
+        ``not hostname``; ``hostname`` is checked against the certificate and
+        sent as SNI (IDNA 2008); ``ssl_context`` (or its alias ``context``) is
+        a :class:`~anyio_asyncssl.TLSContext`, and without one a secure
+        default is made.  Ours: ``session`` resumes an earlier session
+        (clients); with ``native_socket`` (default) and one of anyio's socket
+        streams, OpenSSL reads and writes the socket itself and no ciphertext
+        passes through Python.  Other streams (memory streams, TLS in TLS,
+        your own) go through memory BIOs.
 
-        ``server_side`` defaults to ``not hostname``; without ``context`` a
-        secure default is made (``ssl_context`` is accepted as an alias, as in
-        anyio).  ``hostname`` is checked against the certificate and sent as
-        SNI (IDNA 2008).  Raises :class:`~anyio_asyncssl.TLSError` (an
+        Raises ``TypeError`` at once for a context that is not a
+        ``TLSContext`` (a stdlib ``ssl.SSLContext``: the message says how to
+        build the equivalent), :class:`~anyio_asyncssl.TLSError` (an
         ``ssl.SSLError``) if the handshake fails and ``BrokenResourceError``
         if the transport does.
         """
-        ctx = context or ssl_context
+        ctx = pick_context(context, ssl_context, "context")
         if server_side is None:
             server_side = not hostname
         if ctx is None:
@@ -236,18 +259,43 @@ class AsyncTLSStream(ByteStream):
         }
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, init=False)
 class AsyncTLSListener(Listener[AsyncTLSStream]):
     """Wraps a listener; every accepted connection gets a TLS handshake.
 
-    Mirrors :class:`anyio.streams.tls.TLSListener`.  A handshake that fails
-    or exceeds ``handshake_timeout`` goes to :meth:`handle_handshake_error`.
+    Mirrors :class:`anyio.streams.tls.TLSListener`, positional arguments and
+    keywords included (``ssl_context`` is accepted as well as ``context``; the
+    attribute answers to both names).  A handshake that fails or exceeds
+    ``handshake_timeout`` goes to :meth:`handle_handshake_error`.  Raises
+    ``TypeError`` at once for a context that is not a ``TLSContext``.
     """
 
     listener: Listener[Any]
     context: TLSContext
     standard_compatible: bool = True
     handshake_timeout: float = 30
+
+    def __init__(
+        self,
+        listener: Listener[Any],
+        context: TLSContext | None = None,
+        standard_compatible: bool = True,
+        handshake_timeout: float = 30,
+        *,
+        ssl_context: TLSContext | None = None,
+    ) -> None:
+        ctx = pick_context(context, ssl_context, "context")
+        if ctx is None:
+            raise TypeError("AsyncTLSListener needs a TLSContext (context= or ssl_context=)")
+        self.listener = listener
+        self.context = ctx
+        self.standard_compatible = standard_compatible
+        self.handshake_timeout = handshake_timeout
+
+    @property
+    def ssl_context(self) -> TLSContext:
+        """The context, under anyio's name for it."""
+        return self.context
 
     @staticmethod
     async def handle_handshake_error(exc: BaseException, stream: AnyByteStream) -> None:
@@ -294,30 +342,127 @@ class AsyncTLSListener(Listener[AsyncTLSStream]):
 
 
 async def connect_tcp(
-    remote_host: str,
+    remote_host: str | IPv4Address | IPv6Address,
     remote_port: int,
     *,
+    local_host: str | IPv4Address | IPv6Address | None = None,
+    local_port: int | None = None,
+    tls: bool = True,
+    ssl_context: TLSContext | None = None,
+    tls_standard_compatible: bool = True,
+    tls_hostname: str | None = None,
+    happy_eyeballs_delay: float = 0.25,
     context: TLSContext | None = None,
     hostname: str | None = None,
-    local_host: str | None = None,
-    happy_eyeballs_delay: float = 0.25,
-    standard_compatible: bool = True,
+    standard_compatible: bool | None = None,
     session: TLSSession | None = None,
 ) -> AsyncTLSStream:
-    """Connect over TCP and wrap with TLS, like ``anyio.connect_tcp(..., tls=True)``.
+    """Connect over TCP and wrap with TLS: ``anyio.connect_tcp(..., tls=True)``.
 
-    ``hostname`` (default: ``remote_host``) is verified and sent as SNI.
+    anyio's keywords, with the same meaning (``tls_hostname``, default
+    ``remote_host``, is verified and sent as SNI), and shorter aliases
+    (``context``, ``hostname``, ``standard_compatible``); ``session`` resumes
+    an earlier session.  ``tls=False`` is refused: for plain TCP call
+    :func:`anyio.connect_tcp`.
+
+    Raises ``TypeError`` (before any I/O) for a context that is not a
+    ``TLSContext`` or for both spellings of one keyword,
+    :class:`~anyio_asyncssl.TLSError` if the handshake fails and ``OSError``
+    if the connection does.
     """
-    check_hostname_text(hostname or remote_host)   # before any I/O
+    if not tls:
+        raise TypeError("anyio_asyncssl.stream.connect_tcp always does TLS; "
+                        "use anyio.connect_tcp() for plain TCP")
+    ctx = pick_context(context, ssl_context, "context")
+    if hostname is not None and tls_hostname is not None:
+        raise TypeError("give hostname= or tls_hostname=, not both")
+    if standard_compatible is None:
+        standard_compatible = tls_standard_compatible
+    elif tls_standard_compatible is not True:
+        raise TypeError("give standard_compatible= or tls_standard_compatible=, not both")
+    server_name = hostname or tls_hostname or str(remote_host)
+    check_hostname_text(server_name)   # before any I/O
     stream = await anyio.connect_tcp(remote_host, remote_port, local_host=local_host,
+                                     local_port=local_port,
                                      happy_eyeballs_delay=happy_eyeballs_delay)
     try:
         return await AsyncTLSStream.wrap(
-            stream, context=context, server_side=False, hostname=hostname or remote_host,
+            stream, context=ctx, server_side=False, hostname=server_name,
             standard_compatible=standard_compatible, session=session)
     except BaseException:
         await aclose_forcefully(stream)
         raise
+
+
+class TLSConnectable(ByteStreamConnectable):
+    """anyio's :class:`~anyio.streams.tls.TLSConnectable` on our streams.
+
+    Wraps another connectable (``anyio.TCPConnectable``, ...) and does the TLS
+    handshake after it connects; code written against anyio's connectables
+    takes it as it is.  ``ssl_context`` (or ``context``) is a ``TLSContext``
+    (default: a secure client context); ``hostname`` is checked and sent as
+    SNI.  Raises ``TypeError`` at once for any other context type.
+    """
+
+    def __init__(
+        self,
+        connectable: AnyByteStreamConnectable,
+        *,
+        hostname: str | None = None,
+        ssl_context: TLSContext | None = None,
+        standard_compatible: bool = True,
+        context: TLSContext | None = None,
+        session: TLSSession | None = None,
+    ) -> None:
+        self.connectable = connectable
+        self.ssl_context: TLSContext = (pick_context(context, ssl_context, "context")
+                                        or create_default_context(ssl.Purpose.SERVER_AUTH))
+        if hostname is not None:
+            check_hostname_text(hostname)
+        self.hostname = hostname
+        self.standard_compatible = standard_compatible
+        self.session = session
+
+    async def connect(self) -> AsyncTLSStream:
+        """Connect the wrapped connectable, then do the TLS handshake."""
+        stream = await self.connectable.connect()
+        try:
+            return await AsyncTLSStream.wrap(
+                stream, hostname=self.hostname, context=self.ssl_context, server_side=False,
+                standard_compatible=self.standard_compatible, session=self.session)
+        except BaseException:
+            await aclose_forcefully(stream)
+            raise
+
+
+def as_connectable(
+    remote: ByteStreamConnectable | tuple[str | IPv4Address | IPv6Address, int] | str
+    | bytes | PathLike[str],
+    /,
+    *,
+    tls: bool = False,
+    ssl_context: TLSContext | None = None,
+    tls_hostname: str | None = None,
+    tls_standard_compatible: bool = True,
+) -> ByteStreamConnectable:
+    """:func:`anyio.as_connectable`, wrapping in our :class:`TLSConnectable` when ``tls``.
+
+    ``ssl_context`` given implies ``tls``.  The host of a ``(host, port)``
+    pair is the default ``tls_hostname``, as in anyio.
+    """
+    tls = tls or ssl_context is not None
+    plain = anyio.as_connectable(remote)
+    if not tls:
+        return plain
+    if not tls_hostname and isinstance(plain, anyio.TCPConnectable):
+        tls_hostname = str(plain.host)
+    return TLSConnectable(plain, ssl_context=ssl_context, hostname=tls_hostname,
+                          standard_compatible=tls_standard_compatible)
+
+
+# anyio's names, so moving over is an import change
+TLSStream = AsyncTLSStream
+TLSListener = AsyncTLSListener
 
 
 def _busy_error(what: str) -> Exception:

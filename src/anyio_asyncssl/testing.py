@@ -12,6 +12,11 @@ Public, so users can test their own servers under offload:
   failure), a wake-up before the pause, a duplicate wake-up, fd-only
   notification, and wake-ups that come seconds late.
 
+:func:`configure_trust` and :func:`configure_cert` do for a
+:class:`TLSContext` what trustme's ``CA.configure_trust`` and
+``LeafCert.configure_cert`` do for an ``ssl.SSLContext`` (trustme refuses
+any other context type).
+
 Also :func:`pump`, which drives two sans-IO connections against each other in
 one thread (waiting for engine wake-ups), for tests that need no event loop.
 """
@@ -22,6 +27,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ._ffi import ffi, lib
 from .connection import Status, TLSConnection
@@ -32,6 +38,8 @@ __all__ = [
     "TEST_PROVIDER_NAME",
     "TestEngine",
     "cipher_counters",
+    "configure_cert",
+    "configure_trust",
     "pump",
     "pump_until",
     "retry_while_async",
@@ -203,3 +211,22 @@ def pump(client: TLSConnection, server: TLSConnection, *, timeout: float = 10.0)
     """Complete the handshake between two connections in this thread."""
     pump_until(client, server, lambda b: client.do_handshake(b),
                lambda b: server.do_handshake(b), timeout=timeout)
+
+
+def configure_trust(ca: Any, context: TLSContext) -> None:
+    """Trust trustme's ``ca`` in ``context``, as ``ca.configure_trust(ctx)`` does for ssl.
+
+    trustme's own method accepts only ``ssl.SSLContext`` (and pyOpenSSL);
+    ``ca`` is a ``trustme.CA`` (anything with ``cert_pem.bytes()``).
+    """
+    context.load_verify_locations(cadata=ca.cert_pem.bytes().decode("ascii"))
+
+
+def configure_cert(leaf: Any, context: TLSContext) -> None:
+    """Present trustme's ``leaf`` certificate from ``context``, as ``leaf.configure_cert(ctx)``.
+
+    ``leaf`` is a ``trustme.LeafCert``; its key and chain are loaded from a
+    temporary PEM file (``load_cert_chain`` reads files, as the stdlib's).
+    """
+    with leaf.private_key_and_cert_chain_pem.tempfile() as path:
+        context.load_cert_chain(path)

@@ -24,6 +24,11 @@ mode.  Behaviour follows trio's ``_ssl.py`` (read it: it is the reference):
   ``cipher``, ``version``, ``selected_alpn_protocol``, ...); those that only
   make sense after the handshake raise :exc:`trio.NeedHandshakeError` before.
 
+trio's names are here too (``SSLStream``, ``SSLListener``,
+``open_ssl_over_tcp_stream``, ``open_ssl_over_tcp_listeners``,
+``serve_ssl_over_tcp``, with the ``ssl_context`` keyword), so a trio program
+moves over by changing ``trio.`` to ``anyio_asyncssl.trio.`` in those names.
+
 Beyond trio: :meth:`TrioTLSStream.send_eof` is a half-close: send
 close_notify and keep receiving until the peer's close_notify.
 
@@ -44,15 +49,20 @@ import trio
 from trio.abc import HalfCloseableStream, Listener, Stream
 
 from .connection import AsyncStatus, TLSConnection, TLSSession
-from .context import TLSContext, check_hostname_text, create_default_context
+from .context import TLSContext, check_hostname_text, create_default_context, pick_context
 from .driver import Driver, StreamBroken, StreamClosed
 from .sockets import take_over
 
 __all__ = [
+    "SSLListener",
+    "SSLStream",
     "TrioTLSListener",
     "TrioTLSStream",
+    "open_ssl_over_tcp_listeners",
+    "open_ssl_over_tcp_stream",
     "open_tls_over_tcp_listeners",
     "open_tls_over_tcp_stream",
+    "serve_ssl_over_tcp",
     "serve_tls_over_tcp",
 ]
 
@@ -107,14 +117,17 @@ _BUSY = {
 class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
     """TLS over ``transport_stream`` (any :class:`trio.abc.Stream`), like :class:`trio.SSLStream`.
 
-    ``context`` is a :class:`~anyio_asyncssl.TLSContext`.  ``server_hostname``
+    ``context`` (trio's name ``ssl_context`` works too, positionally or as a
+    keyword) is a :class:`~anyio_asyncssl.TLSContext`.  ``server_hostname``
     (clients) is sent as SNI and checked against the certificate; it is
     required when the context checks host names.  ``session`` resumes a
     session from an earlier connection (clients).  Nothing is sent until the
     first operation (lazy handshake).
 
-    Raises ``ValueError`` (from :class:`~anyio_asyncssl.TLSConnection`) for
-    inconsistent arguments, e.g. no ``server_hostname`` with host-name checks.
+    Raises ``TypeError`` at once for a context that is not a ``TLSContext``
+    (a stdlib ``ssl.SSLContext``: the message says how to build the
+    equivalent) and ``ValueError`` for inconsistent arguments, e.g. no
+    ``server_hostname`` with host-name checks.
 
     Attributes:
       transport_stream: the wrapped stream (``None`` after :meth:`unwrap`).
@@ -123,17 +136,19 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
     def __init__(
         self,
         transport_stream: T_Stream,
-        context: TLSContext,
+        context: TLSContext | None = None,
         *,
         server_hostname: str | bytes | None = None,
         server_side: bool = False,
         https_compatible: bool = False,
         session: TLSSession | None = None,
         native_socket: bool = True,
+        ssl_context: TLSContext | None = None,
     ) -> None:
+        ctx = _required_context(context, ssl_context)
         if isinstance(server_hostname, bytes):
             server_hostname = server_hostname.decode("ascii")
-        self._conn = TLSConnection(context, server_side=server_side,
+        self._conn = TLSConnection(ctx, server_side=server_side,
                                    server_hostname=server_hostname, session=session)
         self.transport_stream: T_Stream = transport_stream
         self._https_compatible = https_compatible
@@ -429,18 +444,20 @@ class TrioTLSListener(Listener[TrioTLSStream[T_Stream]]):
 
     Like :class:`trio.SSLListener`: ``accept()`` does not handshake (the
     stream does it lazily), so one slow client never blocks the accept loop.
-    Works with :func:`trio.serve_listeners`.
+    Works with :func:`trio.serve_listeners`.  ``ssl_context`` is accepted
+    as well as ``context``; ``TypeError`` at once for any other type.
     """
 
     def __init__(
         self,
         transport_listener: Listener[T_Stream],
-        context: TLSContext,
+        context: TLSContext | None = None,
         *,
         https_compatible: bool = False,
+        ssl_context: TLSContext | None = None,
     ) -> None:
         self.transport_listener = transport_listener
-        self._context = context
+        self._context = _required_context(context, ssl_context)
         self._https_compatible = https_compatible
 
     async def accept(self) -> TrioTLSStream[T_Stream]:
@@ -465,6 +482,7 @@ async def open_tls_over_tcp_stream(
     context: TLSContext | None = None,
     https_compatible: bool = False,
     happy_eyeballs_delay: float | None = 0.25,
+    ssl_context: TLSContext | None = None,
 ) -> TrioTLSStream[trio.SocketStream]:
     """Connect over TCP and wrap the connection, like :func:`trio.open_ssl_over_tcp_stream`.
 
@@ -472,11 +490,14 @@ async def open_tls_over_tcp_stream(
     ``context`` a :func:`~anyio_asyncssl.create_default_context` (the system
     CA store, host-name checks) is used.  No handshake yet: it happens on the
     first send or receive, or :meth:`TrioTLSStream.do_handshake`.
+    ``ssl_context`` is trio's name for ``context``; ``TypeError`` (before
+    connecting) for a context that is not a ``TLSContext``.
     """
+    context = pick_context(context, ssl_context)
     check_hostname_text(host.decode("ascii") if isinstance(host, bytes) else host)
-    tcp_stream = await trio.open_tcp_stream(host, port, happy_eyeballs_delay=happy_eyeballs_delay)
     if context is None:
         context = create_default_context()
+    tcp_stream = await trio.open_tcp_stream(host, port, happy_eyeballs_delay=happy_eyeballs_delay)
     try:
         return TrioTLSStream(tcp_stream, context, server_hostname=host,
                              https_compatible=https_compatible)
@@ -487,13 +508,19 @@ async def open_tls_over_tcp_stream(
 
 async def open_tls_over_tcp_listeners(
     port: int,
-    context: TLSContext,
+    context: TLSContext | None = None,
     *,
     host: str | bytes | None = None,
     https_compatible: bool = False,
     backlog: int | None = None,
+    ssl_context: TLSContext | None = None,
 ) -> list[TrioTLSListener[trio.SocketStream]]:
-    """Listen for TLS over TCP, like :func:`trio.open_ssl_over_tcp_listeners`."""
+    """Listen for TLS over TCP, like :func:`trio.open_ssl_over_tcp_listeners`.
+
+    ``ssl_context`` is trio's name for ``context``; ``TypeError`` (before
+    binding) for a context that is not a ``TLSContext``.
+    """
+    context = _required_context(context, ssl_context)
     tcp_listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
     return [TrioTLSListener(tcp_listener, context, https_compatible=https_compatible)
             for tcp_listener in tcp_listeners]
@@ -502,12 +529,13 @@ async def open_tls_over_tcp_listeners(
 async def serve_tls_over_tcp(
     handler: Callable[[TrioTLSStream[trio.SocketStream]], Awaitable[object]],
     port: int,
-    context: TLSContext,
+    context: TLSContext | None = None,
     *,
     host: str | bytes | None = None,
     https_compatible: bool = False,
     backlog: int | None = None,
     handler_nursery: trio.Nursery | None = None,
+    ssl_context: TLSContext | None = None,
     task_status: trio.TaskStatus[
         list[TrioTLSListener[trio.SocketStream]]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -515,12 +543,30 @@ async def serve_tls_over_tcp(
 
     With ``nursery.start`` it returns the listeners (e.g. to learn the port
     when ``port=0``).  Returns only when cancelled; a handler's exception
-    propagates unless ``handler_nursery`` handles it.
+    propagates unless ``handler_nursery`` handles it.  ``ssl_context`` is
+    trio's name for ``context``.
     """
+    context = _required_context(context, ssl_context)
     listeners = await open_tls_over_tcp_listeners(
         port, context, host=host, https_compatible=https_compatible, backlog=backlog)
     await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery,
                                task_status=task_status)
+
+
+# trio's names, so a trio program moves over by changing ``trio.`` to
+# ``anyio_asyncssl.trio.`` in them (the keywords are trio's too)
+SSLStream = TrioTLSStream
+SSLListener = TrioTLSListener
+open_ssl_over_tcp_stream = open_tls_over_tcp_stream
+open_ssl_over_tcp_listeners = open_tls_over_tcp_listeners
+serve_ssl_over_tcp = serve_tls_over_tcp
+
+
+def _required_context(context: object, ssl_context: object) -> TLSContext:
+    ctx = pick_context(context, ssl_context)
+    if ctx is None:
+        raise TypeError("a TLSContext is required (context= or trio's ssl_context=)")
+    return ctx
 
 
 def _busy_error(what: str) -> Exception:
