@@ -96,9 +96,9 @@ def test_a_stdlib_context_is_refused_by_the_connection_with_the_recipe() -> None
 
 def test_the_recipe_names_the_side_of_the_stdlib_context() -> None:
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with pytest.raises(TypeError, match="Purpose.CLIENT_AUTH.*PROTOCOL_TLS_SERVER"):
+    with pytest.raises(TypeError, match=r"Purpose\.CLIENT_AUTH.*PROTOCOL_TLS_SERVER"):
         A.TLSConnection(server, server_side=True)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="Purpose.SERVER_AUTH.*PROTOCOL_TLS_CLIENT"):
+    with pytest.raises(TypeError, match=r"Purpose\.SERVER_AUTH.*PROTOCOL_TLS_CLIENT"):
         A.TLSConnection(sslctx(), server_hostname="x")  # type: ignore[arg-type]
 
 
