@@ -1,12 +1,17 @@
-"""The anyio face: AsyncTLSStream, AsyncTLSListener, connect_tcp.
+"""The anyio face: AsyncTLSStream, AsyncTLSListener, connect_tcp, TLSConnectable.
 
-A drop-in for :mod:`anyio.streams.tls`: ``AsyncTLSStream.wrap()`` mirrors
+A drop-in for :mod:`anyio.streams.tls` under anyio's own names and keywords
+(``TLSStream``, ``TLSListener``, ``TLSConnectable``, ``as_connectable``,
+``connect_tcp(..., tls=True, ssl_context=, tls_hostname=, ...)``), so moving
+over is an import change: ``AsyncTLSStream.wrap()`` mirrors
 ``TLSStream.wrap()``, the stream answers anyio's own ``TLSAttribute`` keys, and
 errors use anyio's vocabulary (``BrokenResourceError``, ``EndOfStream``,
 ``BusyResourceError``, ``ClosedResourceError``); handshake failures raise
 :class:`~anyio_asyncssl.TLSError` subclasses, which are ``ssl.SSLError``\\ s,
-as anyio's TLSStream raises ``ssl.SSLError``.  The work is done by
-:class:`~anyio_asyncssl.driver.Driver`.
+as anyio's TLSStream raises ``ssl.SSLError``.  Contexts are
+:class:`~anyio_asyncssl.TLSContext` objects: a stdlib ``ssl.SSLContext`` is a
+``TypeError`` at once (:func:`~anyio_asyncssl.context.require_tls_context`).
+The work is done by :class:`~anyio_asyncssl.driver.Driver`.
 """
 
 from __future__ import annotations
