@@ -726,3 +726,26 @@ def test_getpeercert_aia_and_crl_distribution_points_match_stdlib(tmp_path: Path
     cert_path, key_path = _unusual_cert(tmp_path, aia=True)
     ours = _peer_cert_dict(cert_path, key_path)
     assert ours == ssl._ssl._test_decode_cert(str(cert_path))  # type: ignore[attr-defined]
+
+
+def test_settings_replayed_on_rebuild_do_not_grow_when_repeated(
+        pki: Pki, offload: A.Offload) -> None:
+    """A context whose ALPN list is set per connection (httpx clients sharing it)."""
+    from anyio_asyncssl.testing import pump
+
+    ctx = A.create_default_context(cafile=pki.ca_file, offload=offload)
+    before = len(ctx._applied)
+    for i in range(200):
+        ctx.set_alpn_protocols(["h2", "http/1.1"] if i % 2 else ["http/1.1"])
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    assert len(ctx._applied) <= before + 3
+    # the last value is the one a rebuilt SSL_CTX gets
+    ctx.set_alpn_protocols(["h2"])
+    ctx.load_provider("default")
+    server_ctx = pki.server_ctx()
+    server_ctx.set_alpn_protocols(["http/1.1", "h2"])
+    client = A.TLSConnection(ctx, server_hostname="localhost")
+    server = A.TLSConnection(server_ctx, server_side=True)
+    pump(client, server)
+    assert client.selected_alpn_protocol() == "h2"

@@ -211,7 +211,10 @@ class TLSContext:
         self._offload = offload
         self._property_query = offload.property_query if offload is not None else None
         self._ext = _ExtHandle()
-        self._applied: list[Callable[[Any], object]] = []
+        # settings to replay on a rebuilt SSL_CTX (load_provider), in order; a
+        # setting with a slot replaces its earlier value, so a context whose
+        # ALPN list is set per connection does not grow
+        self._applied: dict[object, Callable[[Any], object]] = {}
         self._children: list[_CtxHandle] = []  # SNI contexts
         self._handle = self._new_ssl_ctx()
         self._verify_mode = ssl.CERT_NONE
@@ -260,11 +263,13 @@ class TLSContext:
         if ok != 1:
             raise_from_queue(context=message)
 
-    def _apply(self, fn: Callable[[Any], object]) -> None:
-        """Run a setting on the SSL_CTX and record it for rebuilds."""
+    def _apply(self, fn: Callable[[Any], object], slot: str | None = None) -> None:
+        """Run a setting on the SSL_CTX and record it for rebuilds (one per ``slot``)."""
         lib.ERR_clear_error()
         fn(self._handle.ptr)
-        self._applied.append(fn)
+        key: object = slot if slot is not None else object()
+        self._applied.pop(key, None)
+        self._applied[key] = fn
 
     @property
     def ssl_ctx(self) -> Any:
@@ -301,7 +306,7 @@ class TLSContext:
         old, self._handle = self._handle, new
         try:
             lib.ERR_clear_error()
-            for fn in self._applied:
+            for fn in list(self._applied.values()):
                 fn(new.ptr)
         except BaseException:
             self._handle = old
@@ -321,7 +326,7 @@ class TLSContext:
             lib.SSL_CTX_clear_options(ctx, current & ~value)
             lib.SSL_CTX_set_options(ctx, value)
 
-        self._apply(apply)
+        self._apply(apply, slot="options")
 
     @property
     def minimum_version(self) -> ssl.TLSVersion:
@@ -330,7 +335,8 @@ class TLSContext:
     @minimum_version.setter
     def minimum_version(self, version: ssl.TLSVersion) -> None:
         v = _VERSION_TO_OPENSSL[ssl.TLSVersion(version)]
-        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_min_proto_version(ctx, v)))
+        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_min_proto_version(ctx, v)),
+                    slot="minimum_version")
         self._minimum_version = ssl.TLSVersion(version)
 
     @property
@@ -340,7 +346,8 @@ class TLSContext:
     @maximum_version.setter
     def maximum_version(self, version: ssl.TLSVersion) -> None:
         v = _VERSION_TO_OPENSSL[ssl.TLSVersion(version)]
-        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_max_proto_version(ctx, v)))
+        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_max_proto_version(ctx, v)),
+                    slot="maximum_version")
         self._maximum_version = ssl.TLSVersion(version)
 
     def set_ciphers(self, ciphers: str) -> None:
@@ -353,7 +360,7 @@ class TLSContext:
                 lib.SSL_CTX_set_cipher_list(ctx, self._ciphers.encode("ascii"))
                 raise_from_queue(message=f"No cipher can be selected from {ciphers!r}",
                                  library="SSL", reason="NO_CIPHER_MATCH")
-        self._apply(apply)
+        self._apply(apply, slot="ciphers")
         self._ciphers = ciphers
 
     def set_ciphersuites(self, suites: str) -> None:
@@ -365,7 +372,7 @@ class TLSContext:
                 raise_from_queue(
                     message=f"No TLS 1.3 cipher suite can be selected from {suites!r}",
                     library="SSL", reason="NO_CIPHER_MATCH")
-        self._apply(apply)
+        self._apply(apply, slot="ciphersuites")
 
     def set_alpn_protocols(self, protocols: Iterable[str | bytes]) -> None:
         """Offer (client) or accept (server, in this preference order) these ALPN ids.
@@ -384,7 +391,7 @@ class TLSContext:
             if not lib.asx_ctx_set_alpn(self._ext.ptr, wire, len(wire)):
                 raise MemoryError
 
-        self._apply(apply)
+        self._apply(apply, slot="alpn")
         self._alpn = tuple(p.encode() if isinstance(p, str) else bytes(p) for p in protocols)
 
     @property
@@ -406,7 +413,7 @@ class TLSContext:
             ssl.CERT_OPTIONAL: lib.SSL_VERIFY_PEER,
             ssl.CERT_REQUIRED: lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
         }[mode]
-        self._apply(lambda ctx: lib.SSL_CTX_set_verify(ctx, flags, ffi.NULL))
+        self._apply(lambda ctx: lib.SSL_CTX_set_verify(ctx, flags, ffi.NULL), slot="verify_mode")
         self._verify_mode = mode
 
     @property
@@ -542,7 +549,8 @@ class TLSContext:
     def num_tickets(self, n: int) -> None:
         if n < 0:
             raise ValueError("num_tickets must be >= 0")
-        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_num_tickets(ctx, n)))
+        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_num_tickets(ctx, n)),
+                    slot="num_tickets")
         self._num_tickets = n
 
     # -- keylog ---------------------------------------------------------------
@@ -570,7 +578,7 @@ class TLSContext:
             for child in self._children:
                 lib.asx_ctx_attach(child.ptr, self._ext.ptr)
 
-        self._apply(apply)
+        self._apply(apply, slot="keylog")
 
     def __repr__(self) -> str:
         side = {ssl.PROTOCOL_TLS_CLIENT: "client", ssl.PROTOCOL_TLS_SERVER: "server"}.get(
