@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -354,6 +355,42 @@ def test_write_sends_exactly_the_bytes_of_any_buffer(pki: Pki, kind: str) -> Non
     assert (st, n) == (Status.DONE, len(_PAYLOAD))
     got = plaintext(c, s, len(_PAYLOAD) + 1)
     assert got == _PAYLOAD
+
+
+@pytest.mark.parametrize("async_mode", ["off", "always"])
+def test_a_step_whose_ciphertext_overflows_the_drain_buffer_reports_its_bytes(
+        pki: Pki, offload: A.Offload, async_mode: str) -> None:
+    """The drain of a step's second buffer of output must not erase its result.
+
+    It did: draining reused the step's result struct, so a 1 MiB write
+    reported ``(DONE, 0)`` after encrypting 256 KiB, and every caller sent the
+    same 256 KiB again, for ever (asyncio's transports write this much at once).
+    """
+    c = A.TLSConnection(pki.client_ctx(), server_hostname="localhost")
+    ctx = pki.server_ctx("rsa", offload=offload)
+    ctx.async_mode = async_mode  # type: ignore[assignment]
+    s = A.TLSConnection(ctx, server_side=True)
+    pump(c, s)
+    payload = os.urandom(1 << 20)
+    view = memoryview(payload)
+    sent = b""
+    deadline = time.monotonic() + 30
+    while view and time.monotonic() < deadline:   # bounded: a 0-byte result would spin
+        st, n = s.write(view)
+        if st is Status.WANT_ASYNC:
+            time.sleep(0.0002)    # the same data again, once the job is done
+            continue
+        assert (st, n > 0) == (Status.DONE, True)
+        sent += bytes(view[:n])
+        view = view[n:]
+    assert sent == payload
+    c.receive_bytes(s.bytes_to_send())
+    got = b""
+    while len(got) < len(payload):
+        st, data = c.read(65536)
+        assert st is Status.DONE
+        got += data
+    assert got == payload
 
 
 @pytest.mark.parametrize("claimed", [0, 1, 10**6])

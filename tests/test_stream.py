@@ -529,6 +529,17 @@ async def test_full_duplex(pki: Pki, engine: TestEngine, offload: A.Offload, tra
     assert got["client"] == s_payload
 
 
+@pytest.mark.parametrize("transport", ["tcp", "tcp-membio", "memory"])
+async def test_one_send_of_several_mebibytes_arrives_once(pki: Pki, transport: str) -> None:
+    """A send bigger than one step's output buffer (asyncio's transports write such)."""
+    payload = os.urandom(3 << 20)
+    with anyio.fail_after(TIMEOUT):
+        async with connected(pki, transport) as (client, server):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.send, payload)
+                assert await receive_exactly(server, len(payload)) == payload
+
+
 async def test_second_concurrent_receive_is_busy(pki: Pki) -> None:
     with anyio.fail_after(TIMEOUT):
         async with connected(pki) as (client, server):

@@ -225,6 +225,14 @@ def _out_buffer() -> Any:
     return buf
 
 
+def _drain_result() -> Any:
+    """This thread's scratch asx_result for drains that must not clobber a step's result."""
+    d = getattr(_thread_buffers, "drain", None)
+    if d is None:
+        d = _thread_buffers.drain = ffi.new("asx_result *")
+    return d
+
+
 def _shared_buffers() -> tuple[Any, Any]:
     """This thread's plaintext buffers for reads and writes outside async mode.
 
@@ -434,9 +442,15 @@ class TLSConnection:
             _asx_step(c, op, cbuf, len(cbuf), arg, out, OUT_BUFFER_SIZE, r)
         if r.out_len:
             self._outgoing.append(ffi.buffer(out, r.out_len)[:])
-            while r.out_pending:
-                _asx_step(c, 0, _NULL, 0, 0, out, OUT_BUFFER_SIZE, r)
-                self._outgoing.append(ffi.buffer(out, r.out_len)[:])
+            if r.out_pending:
+                # more than one buffer of output: drain the rest into a
+                # scratch result (asx_step zeroes the one it is given, and
+                # this step's status and byte count are still to be read)
+                d = _drain_result()
+                d.out_pending = r.out_pending
+                while d.out_pending:
+                    _asx_step(c, 0, _NULL, 0, 0, out, OUT_BUFFER_SIZE, d)
+                    self._outgoing.append(ffi.buffer(out, d.out_len)[:])
         status: int = r.status
         if status == _WANT_ASYNC:
             self._async_status = AsyncStatus(r.async_status)

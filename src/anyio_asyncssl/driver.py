@@ -197,8 +197,11 @@ class Driver:
         done, and closing it must not attempt a closing handshake.
         Cancellation only ever lands at an await, where nothing is lost.
         """
-        if isinstance(exc, _breaking()) or not isinstance(
-                exc, Exception | GeneratorExit | anyio.get_cancelled_exc_class()):
+        if isinstance(exc, _breaking()):
+            self.mark_broken(exc)
+        elif isinstance(exc, GeneratorExit):
+            pass    # a coroutine closed (perhaps with no loop left to ask)
+        elif not isinstance(exc, Exception | anyio.get_cancelled_exc_class()):
             self.mark_broken(exc)
 
     # -- the loop --------------------------------------------------------------
