@@ -100,7 +100,7 @@ def port_of(server: asyncio.Server) -> int:
     return int(server.sockets[0].getsockname()[1])
 
 
-# == echo both ways ==================================================================
+# == echo both ways ===============================================================================
 @pytest.mark.parametrize("version", [V12, V13], ids=["tls12", "tls13"])
 def test_our_server_echoes_for_asyncios_client(pki: Pki, engine: TestEngine,
                                                offload: A.Offload, loop_kind: str,
@@ -189,10 +189,10 @@ def test_module_functions_work_on_a_stock_asyncio_loop(pki: Pki) -> None:
 
 def test_a_stdlib_context_passed_to_our_functions_is_a_type_error(pki: Pki) -> None:
     async def main() -> None:
-        with pytest.raises(TypeError, match="not an ssl.SSLContext"):
+        with pytest.raises(TypeError, match=r"not an ssl\.SSLContext"):
             await AA.create_connection(asyncio.Protocol, "127.0.0.1", 1,
                                        ssl=stdlib_client_ctx(pki))  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="not an ssl.SSLContext"):
+        with pytest.raises(TypeError, match=r"not an ssl\.SSLContext"):
             await AA.create_server(asyncio.Protocol, "127.0.0.1", 0,
                                    ssl=stdlib_server_ctx(pki))  # type: ignore[arg-type]
 
@@ -256,7 +256,7 @@ def test_tls_in_tls_with_start_tls_on_our_transport(pki: Pki) -> None:
     run(main)
 
 
-# == flow control ============================================================================
+# == flow control =================================================================================
 class SlowReader(asyncio.Protocol):
     def __init__(self) -> None:
         self.received = 0
@@ -291,7 +291,7 @@ class Flooder(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        asyncio.ensure_future(self.flood())
+        self.task = asyncio.ensure_future(self.flood())
 
     async def flood(self) -> None:
         chunk = b"z" * 65536
@@ -334,7 +334,7 @@ def test_flow_control_a_slow_reader_bounds_both_sides_buffers(pki: Pki) -> None:
             await asyncio.sleep(0.3)
             assert flooder.sent == stuck_at < total, "the writer was not held back"
             assert flooder.paused > 0, "the writer was never paused"
-            low, high = flooder.transport.get_write_buffer_limits()
+            _low, high = flooder.transport.get_write_buffer_limits()
             assert flooder.max_buffer <= high + 65536
             # the reader's side: ciphertext held while paused stays bounded
             assert tls.get_read_buffer_size() <= 128 * 1024 + 256 * 1024
@@ -345,7 +345,7 @@ def test_flow_control_a_slow_reader_bounds_both_sides_buffers(pki: Pki) -> None:
     run(main)
 
 
-# == closing ====================================================================================
+# == closing ======================================================================================
 class Recorder(asyncio.Protocol):
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
@@ -457,7 +457,7 @@ def test_write_eof_on_tls12_is_refused(pki: Pki) -> None:
     run(main)
 
 
-# == failures =======================================================================================
+# == failures =====================================================================================
 def listening_socket() -> socket.socket:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -470,7 +470,7 @@ def test_handshake_timeout_is_connection_aborted(pki: Pki) -> None:
     async def main() -> None:
         with listening_socket() as silent:   # accepts (backlog), never answers
             port = silent.getsockname()[1]
-            with pytest.raises(ConnectionAbortedError, match="longer than 0.3 seconds"):
+            with pytest.raises(ConnectionAbortedError, match=r"longer than 0\.3 seconds"):
                 await AA.create_connection(asyncio.Protocol, "127.0.0.1", port,
                                            ssl=pki.client_ctx(), server_hostname="localhost",
                                            ssl_handshake_timeout=0.3)
@@ -562,7 +562,7 @@ def test_a_peer_that_disconnects_mid_record_ends_the_connection(pki: Pki) -> Non
     run(main)
 
 
-# == cancellation =========================================================================================
+# == cancellation =================================================================================
 @pytest.mark.parametrize("what", ["create_connection", "start_tls"])
 def test_cancelling_the_task_that_awaits_the_handshake(pki: Pki, engine: TestEngine,
                                                        offload: A.Offload, what: str,
@@ -616,7 +616,7 @@ def test_cancelling_the_task_that_awaits_the_handshake(pki: Pki, engine: TestEng
     run(main)
 
 
-# == the test engine pausing every operation ================================================
+# == the test engine pausing every operation ======================================================
 def test_echo_with_every_operation_paused(pki: Pki, engine: TestEngine, offload: A.Offload,
                                           no_jobs_left: None) -> None:
     engine.set(latency_ms=0.2)
