@@ -749,3 +749,38 @@ def test_settings_replayed_on_rebuild_do_not_grow_when_repeated(
     server = A.TLSConnection(server_ctx, server_side=True)
     pump(client, server)
     assert client.selected_alpn_protocol() == "h2"
+
+
+def test_a_context_is_freed_by_reference_counting_not_by_the_cycle_collector(
+        pki: Pki, offload: A.Offload, tmp_path: Path) -> None:
+    """No reference cycle: a context goes on the thread that drops it.
+
+    It was a cycle (its replayable settings closed over it), so the cycle
+    collector freed it on whichever thread happened to run, and with it the
+    offload's library context: OpenSSL 3.0 then crashed at exit.
+    """
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=offload)
+        ctx.load_cert_chain(pki.rsa_file)
+        ctx.add_sni_certificate("example.com", pki.ec_file)
+        ctx.set_ciphers("ECDHE+AESGCM")
+        ctx.set_ciphersuites("TLS_AES_128_GCM_SHA256")
+        ctx.set_alpn_protocols(["h2"])
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cafile=pki.ca_file)
+        ctx.load_verify_locations(cadata=pki.ca.cert_pem.bytes().decode())
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.num_tickets = 1
+        ctx.options = ctx.options
+        ctx.keylog_filename = str(tmp_path / "keys.log")
+        ctx.load_provider("default")
+        conn = A.TLSConnection(ctx, server_side=True)
+        ref = weakref.ref(ctx)
+        del ctx, conn
+        assert ref() is None
+    finally:
+        gc.enable()

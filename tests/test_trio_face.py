@@ -397,6 +397,34 @@ def test_aclose_wakes_a_blocked_receiver_with_closed(pki: Pki) -> None:
     run(main)
 
 
+def test_a_native_socket_closed_under_the_stream_is_a_trio_error(pki: Pki) -> None:
+    """OpenSSL reads the socket itself; the driver finds it closed: trio's vocabulary.
+
+    The driver raises anyio's ClosedResourceError when the socket was closed
+    under a step; that escaped TrioTLSStream as is (it killed hypercorn's
+    server when a connection closed during a read).
+    """
+    sctx, cctx = pki.server_ctx("rsa"), pki.client_ctx()
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        client = TrioTLSStream(await trio.open_tcp_stream("127.0.0.1", port), cctx,
+                               server_hostname="localhost")
+        server = TrioTLSStream(await listeners[0].accept(), sctx, server_side=True)
+        await handshake_both(client, server)
+        client.transport_stream.socket.close()   # not through the stream
+        with pytest.raises(trio.BrokenResourceError):
+            await client.receive_some()
+        with pytest.raises(trio.BrokenResourceError):
+            await client.send_all(b"x")
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
+        await listeners[0].aclose()
+
+    run(main)
+
+
 # -- EOF handling: https_compatible --------------------------------------------------------
 @pytest.mark.parametrize("https_compatible", [True, False], ids=["https", "standard"])
 def test_ragged_eof_is_eof_only_when_https_compatible(pki: Pki, https_compatible: bool) -> None:

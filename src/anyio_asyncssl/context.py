@@ -214,7 +214,7 @@ class TLSContext:
         # settings to replay on a rebuilt SSL_CTX (load_provider), in order; a
         # setting with a slot replaces its earlier value, so a context whose
         # ALPN list is set per connection does not grow
-        self._applied: dict[object, Callable[[Any], object]] = {}
+        self._applied: dict[object, Callable[[TLSContext, Any], object]] = {}
         self._children: list[_CtxHandle] = []  # SNI contexts
         self._handle = self._new_ssl_ctx()
         self._verify_mode = ssl.CERT_NONE
@@ -232,12 +232,12 @@ class TLSContext:
         # assigning cleared SSL_OP_ENABLE_MIDDLEBOX_COMPAT, an RFC 8446 D.4 MUST
         ours = (lib.SSL_OP_ALL | lib.SSL_OP_NO_SSLv3 | lib.SSL_OP_NO_COMPRESSION
                 | lib.SSL_OP_NO_RENEGOTIATION | lib.SSL_OP_CIPHER_SERVER_PREFERENCE)
-        self._apply(lambda ctx: lib.SSL_CTX_set_options(ctx, ours))
-        self._apply(lambda ctx: self._check(
+        self._apply(lambda me, ctx: lib.SSL_CTX_set_options(ctx, ours))
+        self._apply(lambda me, ctx: me._check(
             lib.SSL_CTX_set_min_proto_version(ctx, lib.TLS1_2_VERSION)))
-        self._apply(lambda ctx: self._check(
+        self._apply(lambda me, ctx: me._check(
             lib.SSL_CTX_set_cipher_list(ctx, DEFAULT_CIPHERS.encode())))
-        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_session_id_context(
+        self._apply(lambda me, ctx: me._check(lib.SSL_CTX_set_session_id_context(
             ctx, _SESSION_ID_CONTEXT, len(_SESSION_ID_CONTEXT))))
         if protocol == ssl.PROTOCOL_TLS_CLIENT:
             self.verify_mode = ssl.CERT_REQUIRED
@@ -263,10 +263,17 @@ class TLSContext:
         if ok != 1:
             raise_from_queue(context=message)
 
-    def _apply(self, fn: Callable[[Any], object], slot: str | None = None) -> None:
-        """Run a setting on the SSL_CTX and record it for rebuilds (one per ``slot``)."""
+    def _apply(self, fn: Callable[[TLSContext, Any], object], slot: str | None = None) -> None:
+        """Run a setting on the SSL_CTX and record it for rebuilds (one per ``slot``).
+
+        ``fn(context, ssl_ctx)`` gets the context as an argument rather than
+        closing over it: a context that held closures over itself would be a
+        reference cycle, freed by the cycle collector on whatever thread runs
+        it, and with it the offload's OpenSSL library context (OpenSSL 3.0
+        then frees that thread's state only, and crashes at exit).
+        """
         lib.ERR_clear_error()
-        fn(self._handle.ptr)
+        fn(self, self._handle.ptr)
         key: object = slot if slot is not None else object()
         self._applied.pop(key, None)
         self._applied[key] = fn
@@ -307,7 +314,7 @@ class TLSContext:
         try:
             lib.ERR_clear_error()
             for fn in list(self._applied.values()):
-                fn(new.ptr)
+                fn(self, new.ptr)
         except BaseException:
             self._handle = old
             raise
@@ -321,7 +328,7 @@ class TLSContext:
     def options(self, value: int) -> None:
         value = int(value)
 
-        def apply(ctx: Any) -> None:
+        def apply(me: TLSContext, ctx: Any) -> None:
             current = int(lib.SSL_CTX_get_options(ctx))
             lib.SSL_CTX_clear_options(ctx, current & ~value)
             lib.SSL_CTX_set_options(ctx, value)
@@ -335,7 +342,7 @@ class TLSContext:
     @minimum_version.setter
     def minimum_version(self, version: ssl.TLSVersion) -> None:
         v = _VERSION_TO_OPENSSL[ssl.TLSVersion(version)]
-        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_min_proto_version(ctx, v)),
+        self._apply(lambda me, ctx: me._check(lib.SSL_CTX_set_min_proto_version(ctx, v)),
                     slot="minimum_version")
         self._minimum_version = ssl.TLSVersion(version)
 
@@ -346,7 +353,7 @@ class TLSContext:
     @maximum_version.setter
     def maximum_version(self, version: ssl.TLSVersion) -> None:
         v = _VERSION_TO_OPENSSL[ssl.TLSVersion(version)]
-        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_max_proto_version(ctx, v)),
+        self._apply(lambda me, ctx: me._check(lib.SSL_CTX_set_max_proto_version(ctx, v)),
                     slot="maximum_version")
         self._maximum_version = ssl.TLSVersion(version)
 
@@ -354,10 +361,10 @@ class TLSContext:
         """TLS 1.2 cipher list (OpenSSL syntax).  Raises TLSError if none match."""
         raw = ciphers.encode("ascii")
 
-        def apply(ctx: Any) -> None:
+        def apply(me: TLSContext, ctx: Any) -> None:
             if lib.SSL_CTX_set_cipher_list(ctx, raw) != 1:
                 # OpenSSL has already replaced the list (TLS 1.3 suites only): restore it
-                lib.SSL_CTX_set_cipher_list(ctx, self._ciphers.encode("ascii"))
+                lib.SSL_CTX_set_cipher_list(ctx, me._ciphers.encode("ascii"))
                 raise_from_queue(message=f"No cipher can be selected from {ciphers!r}",
                                  library="SSL", reason="NO_CIPHER_MATCH")
         self._apply(apply, slot="ciphers")
@@ -367,7 +374,7 @@ class TLSContext:
         """TLS 1.3 cipher suites (e.g. ``TLS_AES_128_GCM_SHA256``)."""
         raw = suites.encode("ascii")
 
-        def apply(ctx: Any) -> None:
+        def apply(me: TLSContext, ctx: Any) -> None:
             if lib.SSL_CTX_set_ciphersuites(ctx, raw) != 1:
                 raise_from_queue(
                     message=f"No TLS 1.3 cipher suite can be selected from {suites!r}",
@@ -384,11 +391,11 @@ class TLSContext:
         protocols = list(protocols)
         wire = _encode_alpn(protocols)
 
-        def apply(ctx: Any) -> None:
+        def apply(me: TLSContext, ctx: Any) -> None:
             # SSL_CTX_set_alpn_protos returns 0 on success
             if lib.SSL_CTX_set_alpn_protos(ctx, wire, len(wire)) != 0:
                 raise_from_queue("could not set ALPN protocols")
-            if not lib.asx_ctx_set_alpn(self._ext.ptr, wire, len(wire)):
+            if not lib.asx_ctx_set_alpn(me._ext.ptr, wire, len(wire)):
                 raise MemoryError
 
         self._apply(apply, slot="alpn")
@@ -413,7 +420,8 @@ class TLSContext:
             ssl.CERT_OPTIONAL: lib.SSL_VERIFY_PEER,
             ssl.CERT_REQUIRED: lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
         }[mode]
-        self._apply(lambda ctx: lib.SSL_CTX_set_verify(ctx, flags, ffi.NULL), slot="verify_mode")
+        self._apply(lambda me, ctx: lib.SSL_CTX_set_verify(ctx, flags, ffi.NULL),
+                    slot="verify_mode")
         self._verify_mode = mode
 
     @property
@@ -438,17 +446,17 @@ class TLSContext:
         if cafile is not None:
             _read_file(cafile, "CA file")
             path = _fspath(cafile)
-            self._apply(lambda ctx: self._check(lib.SSL_CTX_load_verify_file(ctx, path),
+            self._apply(lambda me, ctx: me._check(lib.SSL_CTX_load_verify_file(ctx, path),
                                                 f"cannot load CA file {os.fsdecode(path)!r}"))
         if capath is not None:
             dpath = _fspath(capath)
             if not os.path.isdir(dpath):
                 raise TLSFileNotFoundError(f"CA directory not found: {os.fsdecode(dpath)!r}")
-            self._apply(lambda ctx: self._check(lib.SSL_CTX_load_verify_dir(ctx, dpath)))
+            self._apply(lambda me, ctx: me._check(lib.SSL_CTX_load_verify_dir(ctx, dpath)))
         if cadata is not None:
             _x509_from_cadata(cadata)  # validate now, with a clear error
 
-            def apply(ctx: Any) -> None:
+            def apply(me: TLSContext, ctx: Any) -> None:
                 store = lib.SSL_CTX_get_cert_store(ctx)
                 for x in _x509_from_cadata(cadata):
                     # re-adding a known certificate is not an error in 3.0
@@ -461,7 +469,7 @@ class TLSContext:
 
     def load_default_certs(self, purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH) -> None:
         """Trust the system CA store (OpenSSL's default paths; honours SSL_CERT_FILE)."""
-        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_default_verify_paths(ctx)))
+        self._apply(lambda me, ctx: me._check(lib.SSL_CTX_set_default_verify_paths(ctx)))
 
     # -- certificates ---------------------------------------------------------
     def _use_cert_chain(self, ctx: Any, certfile: bytes, pkey: Any) -> None:
@@ -500,7 +508,7 @@ class TLSContext:
         key that does not match the certificate.
         """
         path, pkey = self._prepare_key(certfile, keyfile, password)
-        self._apply(lambda ctx: self._use_cert_chain(ctx, path, pkey))
+        self._apply(lambda me, ctx: me._use_cert_chain(ctx, path, pkey))
         self._has_cert = True
 
     def add_sni_certificate(
@@ -521,12 +529,12 @@ class TLSContext:
         name = _idna_name(hostname.lower().rstrip("."))
         path, pkey = self._prepare_key(certfile, keyfile, password)
 
-        def apply(ctx: Any) -> None:
-            child = self._new_ssl_ctx()
-            self._use_cert_chain(child.ptr, path, pkey)
-            if not lib.asx_ctx_add_sni(self._ext.ptr, name.encode(), child.ptr):
+        def apply(me: TLSContext, ctx: Any) -> None:
+            child = me._new_ssl_ctx()
+            me._use_cert_chain(child.ptr, path, pkey)
+            if not lib.asx_ctx_add_sni(me._ext.ptr, name.encode(), child.ptr):
                 raise MemoryError
-            self._children.append(child)
+            me._children.append(child)
 
         self._apply(apply)
         self._sni_names.append(name)
@@ -549,7 +557,7 @@ class TLSContext:
     def num_tickets(self, n: int) -> None:
         if n < 0:
             raise ValueError("num_tickets must be >= 0")
-        self._apply(lambda ctx: self._check(lib.SSL_CTX_set_num_tickets(ctx, n)),
+        self._apply(lambda me, ctx: me._check(lib.SSL_CTX_set_num_tickets(ctx, n)),
                     slot="num_tickets")
         self._num_tickets = n
 
@@ -573,10 +581,10 @@ class TLSContext:
             lib.asx_ctx_set_keylog_fd(self._ext.ptr, f.fileno())
         self._keylog_filename = path
 
-        def apply(ctx: Any) -> None:
-            lib.asx_ctx_attach(ctx, self._ext.ptr)
-            for child in self._children:
-                lib.asx_ctx_attach(child.ptr, self._ext.ptr)
+        def apply(me: TLSContext, ctx: Any) -> None:
+            lib.asx_ctx_attach(ctx, me._ext.ptr)
+            for child in me._children:
+                lib.asx_ctx_attach(child.ptr, me._ext.ptr)
 
         self._apply(apply, slot="keylog")
 

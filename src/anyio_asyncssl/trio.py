@@ -45,6 +45,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, NoReturn, TypeVar
 
+import anyio
 import trio
 from trio.abc import HalfCloseableStream, Listener, Stream
 
@@ -75,7 +76,10 @@ DEFAULT_RECEIVE_SIZE = 65536
 
 # What a failing operation may raise that means "this stream is broken".
 # ssl.SSLError (so every TLSError) is an OSError.
-_BREAKING = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+# The driver's own errors are anyio's (the native path raises
+# anyio.ClosedResourceError when the socket was closed under an operation).
+_BREAKING = (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+             anyio.BrokenResourceError, anyio.ClosedResourceError)
 
 
 class _TransportIO:
@@ -174,7 +178,7 @@ class TrioTLSStream(HalfCloseableStream, Generic[T_Stream]):
             return trio.ClosedResourceError("this TrioTLSStream was closed")
         if isinstance(exc, StreamBroken):
             return trio.BrokenResourceError(f"this TrioTLSStream is broken ({exc})")
-        if isinstance(exc, trio.ClosedResourceError) and (
+        if isinstance(exc, (trio.ClosedResourceError, anyio.ClosedResourceError)) and (
                 self._driver.closing or self._driver.closed):
             # our own aclose() closed the transport under this operation
             return trio.ClosedResourceError("this TrioTLSStream was closed")
