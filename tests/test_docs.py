@@ -2,10 +2,11 @@
 
 A page's blocks run in order as one program (a tutorial builds on its
 earlier blocks), in a fresh interpreter, in a directory holding the files the
-docs name (cert.pem, key.pem, server.pem, ca.pem).  ``anyio.run`` and
-``trio.run`` are wrapped: the server a snippet starts on 127.0.0.1:8443 must
-echo for a stdlib client, and a ``client()`` the page defines must run
-against it; then the server is cancelled.  A block preceded by
+docs name (cert.pem, key.pem, server.pem, ca.pem).  ``anyio.run``,
+``trio.run`` and ``asyncio.Runner.run`` (of a ``main()``) are wrapped: the
+server a snippet starts on 127.0.0.1:8443 must echo for a stdlib client,
+and a ``client()`` the page defines must run against it; then the server
+is cancelled.  A block preceded by
 ``<!-- docs-test: skip: REASON -->`` (hardware the test machine lacks) is
 only compiled.
 """
@@ -76,6 +77,33 @@ def _wrap(real):
 _anyio.run = _wrap(_anyio.run)
 if _trio is not None:
     _trio.run = _wrap(_trio.run)
+
+# asyncio pages run their server with asyncio.Runner(loop_factory=...).run(main())
+import asyncio as _asyncio
+_real_runner_run = _asyncio.Runner.run
+
+def _runner_run(self, coro, **kw):
+    if getattr(coro, "__name__", None) != "main":   # anyio.run's own use of the Runner
+        return _real_runner_run(self, coro, **kw)
+
+    async def exercised():
+        task = _asyncio.ensure_future(coro)
+        try:
+            await _asyncio.to_thread(_echo_client)
+            EXERCISED.append(coro.__name__)
+            client = globals().get("client")
+            if client is not None:
+                await _asyncio.wait_for(client(), 30)
+                EXERCISED.append("client")
+        finally:
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
+    return _real_runner_run(self, exercised(), **kw)
+
+_asyncio.Runner.run = _runner_run
 '''
 
 EPILOGUE = '''
@@ -124,7 +152,7 @@ def test_every_python_block_runs(page: Path, files: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", program], cwd=files, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, f"{page.name}:\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    if "anyio.run(" in source or "trio.run(" in source:
+    if "anyio.run(" in source or "trio.run(" in source or ".run(main())" in source:
         assert "EXERCISED ['main'" in proc.stdout, proc.stdout
 
 

@@ -17,7 +17,9 @@ Two ways in:
   ``StreamWriter.start_tls``) get our TLS without knowing it.  Given a stdlib
   ``ssl.SSLContext`` (or ``ssl=True``) the loop behaves exactly as asyncio
   does: it calls asyncio's own code.  ``new_event_loop(uvloop=True)`` builds
-  the same on uvloop.
+  the same on uvloop.  uvicorn takes the loop as an import string:
+  ``loop="anyio_asyncssl.asyncio:new_event_loop"`` (or
+  ``:new_uvloop_event_loop``).
 
 Keywords and errors are asyncio's: ``server_hostname`` (default: ``host``;
 ``""`` disables SNI and the host-name check), ``ssl_handshake_timeout``,
