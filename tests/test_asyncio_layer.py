@@ -638,3 +638,21 @@ def test_echo_with_every_operation_paused(pki: Pki, engine: TestEngine, offload:
 
     run(main)
 
+
+
+def test_an_application_connection_made_that_raises_fails_the_connection(pki: Pki) -> None:
+    class Broken(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            raise ValueError("the application's bug")
+
+    async def main() -> None:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+        server = await AA.start_server(echo_handler, "127.0.0.1", 0, ssl=server_ctx(pki))
+        async with server:
+            with pytest.raises(ValueError, match="the application's bug"):
+                await AA.create_connection(Broken, "127.0.0.1", port_of(server),
+                                           ssl=pki.client_ctx(), server_hostname="localhost")
+        assert [type(c.get("exception")) for c in reported] == [ValueError]
+
+    run(main)

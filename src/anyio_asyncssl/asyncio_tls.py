@@ -373,7 +373,11 @@ class TLSProtocol(asyncio.Protocol):
         self._extra.update(peercert=conn.getpeercert(), cipher=conn.cipher(),
                            compression=None, ssl_object=conn)
         if self._call_connection_made:
-            self.app_protocol.connection_made(self.app_transport)
+            try:
+                self.app_protocol.connection_made(self.app_transport)
+            except Exception as exc:
+                self._fatal(exc, "protocol.connection_made() failed")
+                return
         self._app_connected = True
         self._wake_waiter(None)
         self._spawn(self._write_loop())
