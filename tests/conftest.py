@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -120,3 +122,14 @@ def stop_with_ctrl_c(proc: subprocess.Popen[str]) -> str:
     assert proc.returncode == 0, err
     assert "Traceback" not in err, err
     return out
+
+
+def require_tool(name: str, package: str) -> str:
+    """The tool's path; skip (fail under CI) when it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed: apt-get install -y {package}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI must install it: see .ci/run)")
+        pytest.skip(message)
+    return path

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import ssl
 import time
@@ -30,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import trio
-from conftest import Pki
+from conftest import Pki, require_tool
 
 import anyio_asyncssl as A
 
@@ -253,13 +252,7 @@ def parse_http11(data: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def require_curl() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        message = "curl is not installed: apt-get install -y curl"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI must install it: see .ci/run)")
-        pytest.skip(message)
-    return path
+    return require_tool("curl", "curl")
 
 
 async def curl(*args: str) -> tuple[int, str, str]:

@@ -11,8 +11,6 @@ under CI, where every tool is installed and a missing one is a failure.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +22,7 @@ import anyio
 import pytest
 from anyio.abc import ByteReceiveStream, Process, SocketAttribute
 from anyio.streams.tls import TLSAttribute
-from conftest import Pki, recording_handler
+from conftest import Pki, recording_handler, require_tool
 
 import anyio_asyncssl as A
 from anyio_asyncssl.stream import AsyncTLSListener, AsyncTLSStream, connect_tcp
@@ -38,17 +36,6 @@ TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 @pytest.fixture(params=["asyncio", "trio"], scope="module")
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def require_tool(name: str, package: str) -> str:
-    """The tool's path; skip (fail under CI) when it is not installed."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed: apt-get install -y {package}"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI must install it: see .ci/run)")
-        pytest.skip(message)
-    return path
 
 
 def free_port() -> int:

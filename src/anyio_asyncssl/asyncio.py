@@ -44,6 +44,7 @@ __all__ = [
     "create_server",
     "create_unix_connection",
     "create_unix_server",
+    "is_tls_loop",
     "new_event_loop",
     "new_uvloop_event_loop",
     "open_connection",
@@ -325,6 +326,11 @@ class _TLSLoopMethods:
             return await start_tls(transport, protocol, sslcontext, **kwargs)
         return await super().start_tls(  # type: ignore[misc]
             transport, protocol, sslcontext, **kwargs)
+
+
+def is_tls_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop``'s own methods take a ``TLSContext`` as ``ssl=`` (one of ours)."""
+    return isinstance(loop, _TLSLoopMethods)
 
 
 class TLSEventLoop(_TLSLoopMethods, asyncio.SelectorEventLoop):

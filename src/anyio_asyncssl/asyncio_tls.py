@@ -52,6 +52,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from asyncio import constants as asyncio_constants
+from asyncio import transports as asyncio_transports
 from collections.abc import Iterable
 from typing import Any
 
@@ -90,13 +92,18 @@ def _nbytes(data: bytes | bytearray | memoryview) -> int:
     return data.nbytes if isinstance(data, memoryview) else len(data)
 
 
-class TLSTransport(asyncio.Transport):
+class TLSTransport(asyncio_transports._FlowControlMixin, asyncio.Transport):
     """The transport the application protocol sees (``_SSLProtocolTransport``'s role)."""
 
     _start_tls_compatible = True   # start_tls() may stack TLS on this transport
+    # loop.sendfile() reads the file and write()s it, as on asyncio's TLS
+    # transport; its fallback wants a _FlowControlMixin with _loop and
+    # _protocol_paused (aiohttp's FileResponse uses it)
+    _sendfile_compatible = asyncio_constants._SendfileMode.FALLBACK
 
     def __init__(self, tls: TLSProtocol) -> None:
-        super().__init__()
+        asyncio.Transport.__init__(self)   # not the mixin's: TLSProtocol does flow control
+        self._loop = tls.loop
         self._tls = tls
         self._closed = False
 
