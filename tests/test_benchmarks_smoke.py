@@ -64,3 +64,20 @@ def test_smoke_run_measures_every_scenario(tmp_path: Path) -> None:
         assert peer in res["peers"] or peer in res["missing"]
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Targets" in md and "trio.SSLStream" in md
+
+
+def test_uvicorn_storm_runs_all_three_servers(tmp_path: Path) -> None:
+    """``benchmarks/uvicorn_storm.py`` in miniature: every variant serves and ticks."""
+    pytest.importorskip("uvicorn", reason="pip install uvicorn")
+    out = tmp_path / "storm.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "uvicorn_storm.py"), "--seconds", "1",
+         "--concurrency", "2", "--bits", "2048", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"stock", "offload", "inline"}
+    for variant, r in results.items():
+        assert r["load"]["handshakes"] > 0, variant
+        assert r["ticks"] > 100, variant
+        assert r["p99_ratio"] > 0, variant
