@@ -656,3 +656,74 @@ def test_an_application_connection_made_that_raises_fails_the_connection(pki: Pk
         assert [type(c.get("exception")) for c in reported] == [ValueError]
 
     run(main)
+
+
+def test_shutdown_timeout_when_the_peer_never_answers_close_notify(pki: Pki) -> None:
+    """close() waits at most ssl_shutdown_timeout for the peer's close_notify (asyncio's rule)."""
+    sctx = stdlib_server_ctx(pki)
+
+    async def main() -> None:
+        with listening_socket() as lsock:
+            port = lsock.getsockname()[1]
+            loop = asyncio.get_running_loop()
+            held: list[socket.socket] = []
+
+            async def mute_peer() -> None:   # handshakes, then never reads or answers
+                conn, _ = await loop.sock_accept(lsock)
+                held.append(conn)
+                incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+                tls = sctx.wrap_bio(incoming, outgoing, server_side=True)
+                while True:
+                    try:
+                        tls.do_handshake()
+                        break
+                    except ssl.SSLWantReadError:
+                        await loop.sock_sendall(conn, outgoing.read())
+                        incoming.write(await loop.sock_recv(conn, 65536))
+                await loop.sock_sendall(conn, outgoing.read())
+
+            task = asyncio.ensure_future(mute_peer())
+            transport, protocol = await AA.create_connection(
+                Recorder, "127.0.0.1", port, ssl=pki.client_ctx(), server_hostname="localhost",
+                ssl_shutdown_timeout=0.3)
+            await task
+            t0 = loop.time()
+            transport.close()
+            exc = await asyncio.wait_for(protocol.lost, TIMEOUT)  # type: ignore[attr-defined]
+            assert isinstance(exc, TimeoutError) and "shutdown" in str(exc)
+            assert 0.25 < loop.time() - t0 < 5
+            for c in held:
+                c.close()
+
+    run(main)
+
+
+def test_event_loop_policy_and_unix_sockets(pki: Pki, tmp_path: Any) -> None:
+    path = str(tmp_path / "tls.sock")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert AA.is_tls_loop(loop)
+        server = await loop.create_unix_server(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(), echo_handler),
+            path, ssl=server_ctx(pki))
+        async with server:
+            reader = asyncio.StreamReader()
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.create_unix_connection(
+                lambda: protocol, path, ssl=pki.client_ctx(), server_hostname="localhost")
+            assert isinstance(transport, TLSTransport)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            assert await exchange(reader, writer, b"unix") == b"unix"
+            writer.close()
+            await writer.wait_closed()
+
+    old = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(AA.EventLoopPolicy())
+    try:
+        asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+    finally:
+        asyncio.set_event_loop_policy(old)
+    stock = asyncio.new_event_loop()
+    assert not AA.is_tls_loop(stock)
+    stock.close()
