@@ -784,3 +784,69 @@ def test_a_context_is_freed_by_reference_counting_not_by_the_cycle_collector(
         assert ref() is None
     finally:
         gc.enable()
+
+
+# == key URIs (OSSL_STORE) =============================================================
+def _split_pem(pki: Pki, tmp_path: Path, password: bytes | None = None) -> tuple[Path, Path]:
+    """The RSA chain and its key in separate files (the key encrypted with ``password``)."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = pki.rsa_file.read_bytes()
+    key = serialization.load_pem_private_key(pem, None)
+    enc: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password) if password
+        else serialization.NoEncryption())
+    key_path = tmp_path / "key.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8, enc))
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(b"".join(block for block in re.findall(
+        rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", pem, re.S)))
+    return chain, key_path
+
+
+@pytest.mark.parametrize("use_offload", [False, True], ids=["inline", "offload"])
+def test_a_key_uri_loads_through_the_store_and_serves(pki: Pki, offload: A.Offload,
+                                                      tmp_path: Path, use_offload: bool) -> None:
+    from anyio_asyncssl.testing import pump
+
+    chain, key = _split_pem(pki, tmp_path)
+    ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=offload if use_offload else None)
+    ctx.load_cert_chain(chain, f"file:{key}")
+    before = offload.stats().sign_ops
+    client = A.TLSConnection(pki.client_ctx(), server_hostname="localhost")
+    server = A.TLSConnection(ctx, server_side=True)
+    pump(client, server)
+    assert client.version() == "TLSv1.3"
+    assert (offload.stats().sign_ops > before) is use_offload
+
+
+def test_a_protected_key_uri_takes_the_password_and_says_what_is_wrong(
+        pki: Pki, tmp_path: Path) -> None:
+    chain, key = _split_pem(pki, tmp_path, password=b"s3cret")
+    ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(chain, f"file:{key}", password="s3cret")
+    with pytest.raises(A.TLSError, match="wrong password"):
+        ctx.load_cert_chain(chain, f"file:{key}", password="nope")
+    with pytest.raises(A.TLSError, match="pass password="):
+        ctx.load_cert_chain(chain, f"file:{key}")
+
+
+@pytest.mark.parametrize("uri", ["file:/nonexistent/key.pem", "nosuchscheme:key-1"])
+def test_a_key_uri_that_names_nothing_fails_at_load_time(pki: Pki, uri: str) -> None:
+    ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.raises(A.TLSError, match="no private key found at"):
+        ctx.load_cert_chain(pki.rsa_file, uri)
+
+
+def test_a_file_whose_name_looks_like_a_uri_is_still_a_file(
+        pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    chain, key = _split_pem(pki, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pkcs11:token-key").write_bytes(key.read_bytes())
+    ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(chain, "pkcs11:token-key")   # a relative path, not a URI
+    from anyio_asyncssl.context import key_uri
+    assert key_uri("pkcs11:token-key") is None
+    assert key_uri("pkcs11:object=other") == "pkcs11:object=other"
+    assert key_uri(tmp_path / "x") is None

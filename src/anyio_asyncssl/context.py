@@ -20,6 +20,7 @@ query and applies the recorded settings again.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -119,6 +120,41 @@ def _load_private_key(data: bytes, password: PasswordType, libctx: Any, what: st
             raise_from_queue(message=f"{what}: wrong password or corrupt key", library="PEM",
                              reason="BAD_DECRYPT")
         raise_from_queue(context=f"{what}: no private key found")
+    return pkey
+
+
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def key_uri(keyfile: StrOrBytesPath | None) -> str | None:
+    """``keyfile`` as a store URI (``file:``, ``pkcs11:``, ...), or None for a path.
+
+    A string that starts with a URI scheme and names no existing file is a
+    URI (so a file really called ``pkcs11:x`` still loads as a file).
+    """
+    if not isinstance(keyfile, str) or not _URI_SCHEME.match(keyfile):
+        return None
+    if os.path.exists(keyfile):
+        return None
+    return keyfile
+
+
+def _load_key_uri(uri: str, password: PasswordType, libctx: Any, propq: str | None) -> Any:
+    """The private key ``uri`` names, through OSSL_STORE in ``libctx``; an owned EVP_PKEY*."""
+    pw = _resolve_password(password)
+    pw_buf = ffi.new("unsigned char[]", pw) if pw is not None else ffi.NULL
+    asked = ffi.new("int *")
+    lib.ERR_clear_error()
+    pkey = lib.asx_load_key_uri(libctx, propq.encode() if propq else ffi.NULL, uri.encode(),
+                                pw_buf, len(pw) if pw is not None else 0, asked)
+    if pkey == ffi.NULL:
+        if asked[0] and pw is None:
+            raise_from_queue(message=f"private key {uri!r} is protected: pass password=",
+                             library="PEM", reason="BAD_PASSWORD_READ")
+        if asked[0]:
+            raise_from_queue(message=f"private key {uri!r}: wrong password or PIN",
+                             library="PEM", reason="BAD_DECRYPT")
+        raise_from_queue(context=f"no private key found at {uri!r}")
     return pkey
 
 
@@ -482,9 +518,13 @@ class TLSContext:
     def _prepare_key(self, certfile: StrOrBytesPath, keyfile: StrOrBytesPath | None,
                      password: PasswordType) -> tuple[bytes, Any]:
         _read_file(certfile, "certificate file")
-        key_data = _read_file(keyfile if keyfile is not None else certfile, "key file")
         libctx = self._offload.libctx if self._offload is not None else ffi.NULL
-        pkey = _load_private_key(key_data, password, libctx, "private key")
+        uri = key_uri(keyfile)
+        if uri is not None:
+            pkey = _load_key_uri(uri, password, libctx, self._property_query)
+        else:
+            key_data = _read_file(keyfile if keyfile is not None else certfile, "key file")
+            pkey = _load_private_key(key_data, password, libctx, "private key")
         if self._offload is not None:
             lib.ERR_clear_error()
             wrapped = lib.asx_wrap_key(libctx, pkey)
@@ -502,10 +542,15 @@ class TLSContext:
     ) -> None:
         """Load this side's certificate chain and private key (PEM).
 
+        ``keyfile`` may also be a key URI, loaded through OpenSSL's
+        OSSL_STORE in this context's library context: ``file:/path/key.pem``,
+        or any scheme a provider loaded there offers (``pkcs11:...``).
         ``password`` (str, bytes, or a callable returning one) is resolved
-        now, in Python.  Raises :class:`TLSFileNotFoundError` for a missing
-        file and :class:`TLSError` for a wrong password, a corrupt file or a
-        key that does not match the certificate.
+        now, in Python; for a URI it also answers a token's PIN prompt.
+        Raises :class:`TLSFileNotFoundError` for a missing file and
+        :class:`TLSError` for a wrong password, a corrupt file, a URI that
+        names no private key (or an unknown scheme), or a key that does not
+        match the certificate.
         """
         path, pkey = self._prepare_key(certfile, keyfile, password)
         self._apply(lambda me, ctx: me._use_cert_chain(ctx, path, pkey))

@@ -152,6 +152,11 @@ void asx_libctx_release(OSSL_LIB_CTX *libctx);
 int asx_ssl_ctx_free(SSL_CTX *ctx);
 /* rebuild a loaded key inside the offload provider's keymgmt */
 EVP_PKEY *asx_wrap_key(OSSL_LIB_CTX *libctx, EVP_PKEY *in);
+/* keystore.c: the first private key |uri| names, through OSSL_STORE in
+ * |libctx| (NULL: the default one); |pass| answers any password or PIN
+ * prompt; *asked says whether one came.  NULL leaves errors queued */
+EVP_PKEY *asx_load_key_uri(OSSL_LIB_CTX *libctx, const char *propq, const char *uri,
+                           const unsigned char *pass, size_t passlen, int *asked);
 /* test-cipher counters: record-cipher calls made inside a job, pauses */
 void asx_cipher_counts(uint64_t *in_job, uint64_t *paused);
 void asx_set_cipher_pause(int on);

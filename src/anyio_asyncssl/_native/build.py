@@ -273,6 +273,7 @@ SOURCES = [
     "ctx_callbacks.c",
     "certgen.c",
     "certinfo.c",
+    "keystore.c",
 ]
 HEADERS = ["asyncssl.h", "providers.h"]
 
