@@ -850,3 +850,48 @@ def test_a_file_whose_name_looks_like_a_uri_is_still_a_file(
     assert key_uri("pkcs11:token-key") is None
     assert key_uri("pkcs11:object=other") == "pkcs11:object=other"
     assert key_uri(tmp_path / "x") is None
+
+
+# == providers with a module path and parameters ===============================================
+def _modules_dir() -> str:
+    import subprocess
+
+    out = subprocess.run(["openssl", "version", "-m"], capture_output=True, text=True,
+                         check=True).stdout
+    return out.split('"')[1]
+
+
+def test_a_provider_loads_from_its_module_path_with_parameters(pki: Pki) -> None:
+    off = A.Offload(workers=1)
+    try:
+        ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=off)
+        ctx.load_cert_chain(pki.rsa_file)
+        ctx.load_provider("legacy", path=f"{_modules_dir()}/legacy.so",
+                          params={"some-setting": 'quoted "$HOME" # not a comment \\ ok'},
+                          properties="")
+        assert "legacy" in off.providers
+        from anyio_asyncssl.testing import pump
+
+        client = A.TLSConnection(pki.client_ctx(), server_hostname="localhost")
+        server = A.TLSConnection(ctx, server_side=True)
+        pump(client, server)   # the rebuilt context still serves
+        with pytest.raises(A.TLSError, match="could not load provider 'gone' from"):
+            off.load_provider("gone", path="/nonexistent/gone.so")
+        with pytest.raises(ValueError, match="letters, digits"):
+            off.load_provider("bad name", params={"a": "b"})
+        with pytest.raises(ValueError, match="single lines"):
+            off.load_provider("legacy2", params={"a": "b\nactivate = 0"})
+        del client, server, ctx
+    finally:
+        off.close()
+
+
+def test_provider_config_quotes_what_openssl_would_expand() -> None:
+    from anyio_asyncssl.offload import provider_config
+
+    text = provider_config("pkcs11", "/usr/lib/pkcs11.so", {
+        "pkcs11-module-path": "/usr/lib/softhsm/libsofthsm2.so",
+        "pkcs11-module-token-pin": "file:/run/pin#1$x"})
+    assert 'module = "/usr/lib/pkcs11.so"' in text
+    assert 'pkcs11-module-token-pin = "file:/run/pin\\#1\\$x"' in text
+    assert text.endswith("activate = 1\n")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from ._ffi import ffi, lib
@@ -327,23 +327,27 @@ class TLSContext:
     def property_query(self) -> str | None:
         return self._property_query
 
-    def load_provider(self, name: str, *, properties: str | None = None) -> None:
+    def load_provider(self, name: str, *, properties: str | None = None,
+                      path: str | os.PathLike[str] | None = None,
+                      params: Mapping[str, str] | None = None) -> None:
         """Load a provider (e.g. an accelerator's) and prefer it for what it offers.
 
         Needs a context made with ``offload=``: the provider is loaded into
         that offload's private library context (never the default one).  The
         SSL_CTX is rebuilt with ``properties`` (default ``?provider=<name>``)
         in front of its property query and every earlier setting applied
-        again.  Raises :class:`TLSError` when OpenSSL cannot load it.
+        again.  ``path`` and ``params``: the provider's module file and its
+        configuration parameters, as :meth:`Offload.load_provider` takes
+        them.  Raises :class:`TLSError` when OpenSSL cannot load it.
         """
         if self._offload is None:
             raise TLSError("load_provider needs a context created with offload=Offload()")
         # load only: the offload's property query (used by contexts made
         # later) stays as it is, the preference is this context's own
-        self._offload._load(name)
+        self._offload._load(name, path=path, params=params)
         extra = properties if properties is not None else f"?provider={name}"
         query = self._property_query or ""
-        if extra not in query.split(","):
+        if extra and extra not in query.split(","):
             self._property_query = f"{extra},{query}" if query else extra
         new = self._new_ssl_ctx()
         old, self._handle = self._handle, new

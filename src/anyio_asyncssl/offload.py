@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
+import tempfile
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -145,8 +147,16 @@ class Offload:
         """Extra providers loaded with :meth:`load_provider`."""
         return tuple(self._providers)
 
-    def load_provider(self, name: str, *, properties: str | None = None) -> None:
+    def load_provider(self, name: str, *, properties: str | None = None,
+                      path: str | os.PathLike[str] | None = None,
+                      params: Mapping[str, str] | None = None) -> None:
         """Load a provider (e.g. a hardware vendor's) into this library context.
+
+        ``path``: the provider's module file (default: ``name`` in OpenSSL's
+        modules directory).  ``params``: the provider's configuration
+        parameters (e.g. pkcs11-provider's ``pkcs11-module-path`` and
+        ``pkcs11-module-token-pin``), given to it as an OpenSSL config
+        section would, so no global config file is needed.
 
         ``properties`` (default ``?provider=<name>``) is added to the
         property query of contexts created afterwards, so libssl prefers the
@@ -155,25 +165,44 @@ class Offload:
         is made: load providers before creating contexts, or use
         :meth:`TLSContext.load_provider`, which rebuilds its SSL_CTX.
 
-        Raises :class:`TLSError` if OpenSSL cannot load it.
+        Raises :class:`TLSError` if OpenSSL cannot load it (a missing module,
+        a parameter it refuses), ``ValueError`` for a name or parameter
+        that cannot be written as configuration.
         """
-        self._load(name)
+        self._load(name, path=path, params=params)
         extra = properties if properties is not None else f"?provider={name}"
         if extra and extra not in self._property_query.split(","):
             self._property_query = f"{extra},{self._property_query}"
 
-    def _load(self, name: str) -> None:
+    def _load(self, name: str, *, path: str | os.PathLike[str] | None = None,
+              params: Mapping[str, str] | None = None) -> None:
         """Load a provider into the library context; no property query changes.
 
         :meth:`TLSContext.load_provider` uses this, so that preferring a
         provider in one context does not change contexts made afterwards.
+        With ``path`` or ``params`` the provider is loaded the way an
+        OpenSSL config file would load it (OpenSSL 3.0 has no other way to
+        give a provider parameters): a config naming only this provider is
+        written to a private temporary file and loaded into this library
+        context alone.
         """
         if name in self._providers:
             return
         lib.ERR_clear_error()
-        prov = lib.OSSL_PROVIDER_load(self._libctx, name.encode())
-        if prov == ffi.NULL:
-            raise_from_queue(f"could not load provider {name!r}")
+        if path is None and not params:
+            prov = lib.OSSL_PROVIDER_load(self._libctx, name.encode())
+            if prov == ffi.NULL:
+                raise_from_queue(f"could not load provider {name!r}")
+        else:
+            config = provider_config(name, path, params or {})
+            with tempfile.NamedTemporaryFile("w", prefix="asyncssl-provider-",
+                                             suffix=".cnf") as f:   # mode 0600
+                f.write(config)
+                f.flush()
+                ok = lib.OSSL_LIB_CTX_load_config(self._libctx, f.name.encode())
+            if ok != 1 or not lib.OSSL_PROVIDER_available(self._libctx, name.encode()):
+                raise_from_queue(f"could not load provider {name!r}"
+                                 + (f" from {os.fspath(path)!r}" if path is not None else ""))
         self._providers.append(name)
 
     def register_test_provider(self, name: str) -> None:
@@ -266,6 +295,38 @@ class Offload:
 
 _default: Offload | None = None
 _default_lock = threading.Lock()
+
+
+_CONFIG_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def provider_config(name: str, path: str | os.PathLike[str] | None,
+                    params: Mapping[str, str]) -> str:
+    """An OpenSSL config that loads one provider, from ``path``, with ``params``.
+
+    Values are quoted and escaped (OpenSSL would expand ``$`` and cut at
+    ``#``); names and keys must be plain words.  Raises ``ValueError``.
+    """
+    for word in (name, *params):
+        if not _CONFIG_NAME.fullmatch(word):
+            raise ValueError(f"{word!r}: provider names and parameter keys are letters, "
+                             "digits, '_', '.', '-'")
+
+    def quoted(value: str) -> str:
+        if "\n" in value or "\r" in value or "\0" in value:
+            raise ValueError("provider parameters are single lines")
+        for ch in ("\\", '"', "$", "#"):
+            value = value.replace(ch, "\\" + ch)
+        return f'"{value}"'
+
+    lines = ["openssl_conf = asyncssl_init", "[asyncssl_init]",
+             "providers = asyncssl_providers", "[asyncssl_providers]",
+             f"{name} = asyncssl_provider", "[asyncssl_provider]"]
+    if path is not None:
+        lines.append(f"module = {quoted(os.fspath(path))}")
+    lines += [f"{key} = {quoted(str(value))}" for key, value in params.items()]
+    lines.append("activate = 1")
+    return "\n".join(lines) + "\n"
 
 
 def default_offload() -> Offload:

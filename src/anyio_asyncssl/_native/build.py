@@ -91,6 +91,7 @@ OSSL_LIB_CTX *OSSL_LIB_CTX_new(void);
 void OSSL_LIB_CTX_free(OSSL_LIB_CTX *);
 OSSL_PROVIDER *OSSL_PROVIDER_load(OSSL_LIB_CTX *, const char *name);
 int OSSL_PROVIDER_available(OSSL_LIB_CTX *, const char *name);
+int OSSL_LIB_CTX_load_config(OSSL_LIB_CTX *ctx, const char *config_file);
 
 unsigned long ERR_get_error_all(const char **file, int *line, const char **func,
                                 const char **data, int *flags);
