@@ -255,7 +255,7 @@ class Offload:
         lib.asx_pool_get_faults(self._pool, f)
         return {k: int(getattr(f, k)) for k in (
             "latency_us", "late_ms", "eagain_count", "err_count", "early_count",
-            "duplicate_count", "fd_only", "max_queue")}
+            "duplicate_count", "fd_only", "max_queue", "inline_latency_us")}
 
     def close(self) -> None:
         """Drain queued operations and join the workers (idempotent)."""

@@ -98,6 +98,7 @@ class TestEngine:
         duplicate: int | None = None,
         fd_only: bool | None = None,
         max_queue: int | None = None,
+        inline_latency_ms: float | None = None,
     ) -> None:
         """Set faults: counts apply to the next N offloaded operations; flags stay.
 
@@ -109,6 +110,9 @@ class TestEngine:
         ``fd_only``: ignore the async callback, signal the wait fd
         (async status UNSUPPORTED), as an engine without callback support.
         ``max_queue``: a queue this long counts as full (real EAGAIN).
+        ``inline_latency_ms``: an operation run inline (async mode off, no
+        job) takes this long, on the caller's thread: a slow device used
+        without offload.
         """
         faults: dict[str, int] = {}
         if latency_ms is not None:
@@ -127,6 +131,8 @@ class TestEngine:
             faults["fd_only"] = int(fd_only)
         if max_queue is not None:
             faults["max_queue"] = max_queue
+        if inline_latency_ms is not None:
+            faults["inline_latency_us"] = int(inline_latency_ms * 1000)
         self.offload._set_faults(**faults)
 
     def faults(self) -> dict[str, int]:
@@ -135,7 +141,8 @@ class TestEngine:
     def clear(self) -> None:
         """No faults, no latency."""
         self.offload._set_faults(latency_us=0, late_ms=0, eagain_count=0, err_count=0,
-                                 early_count=0, duplicate_count=0, fd_only=0, max_queue=0)
+                                 early_count=0, duplicate_count=0, fd_only=0, max_queue=0,
+                                 inline_latency_us=0)
 
     @contextlib.contextmanager
     def inject(self, **faults: int | float | bool) -> Iterator[TestEngine]:

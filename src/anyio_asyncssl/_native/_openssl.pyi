@@ -48,6 +48,7 @@ class asx_faults(CData):
     duplicate_count: int
     fd_only: int
     max_queue: int
+    inline_latency_us: int
 
 class asx_notifier(CData):
     """``asx_notifier *``: opaque (its fields are C's own)."""

@@ -78,6 +78,8 @@ typedef struct {
     int duplicate_count;     /* fire the completion callback twice */
     int fd_only;             /* ignore the callback, signal the wait fd */
     int max_queue;           /* queue length that counts as full (0: none) */
+    int inline_latency_us;   /* an operation run inline (no job) takes this long: a slow
+                              * device signing on the caller's thread */
 } asx_faults;
 
 /* how workers are scheduled: they must never take the loop's core */

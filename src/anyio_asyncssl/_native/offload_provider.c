@@ -44,6 +44,9 @@
 
 /* set by asx_wrap_key() around the one import we accept */
 static __thread int tl_import_open;
+/* set by asx_wrap_key() for a key another provider holds (a token's): the
+ * import takes a reference to it instead of its private half */
+static __thread EVP_PKEY *tl_foreign_key;
 
 typedef struct {
     asx_provctx base;
@@ -58,6 +61,10 @@ typedef struct {
     int type;
     EVP_PKEY *inner;
     int has_priv;
+    /* where |inner|'s operations are fetched: the default provider for keys
+     * rebuilt from their data, the holding provider ("provider=pkcs11")
+     * for keys we only have a reference to */
+    char inner_propq[80];
 } key;
 
 static OSSL_FUNC_keymgmt_new_fn km_rsa_new, km_ec_new;
@@ -83,6 +90,7 @@ static void *km_new(asx_provctx *p, int type)
     }
     k->prov = p;
     k->type = type;
+    strcpy(k->inner_propq, ASX_INNER_PROPQ);
     return k;
 }
 static void *km_rsa_new(void *p) { return km_new(p, KEY_RSA); }
@@ -139,6 +147,25 @@ static int km_import(void *vk, int selection, const OSSL_PARAM params[])
      * of every successful load_cert_chain(). */
     if (!tl_import_open)
         return 0;
+    if (tl_foreign_key != NULL) {
+        /* a reference, not a copy: the holding provider signs (on our
+         * workers); |params| carried only its public half */
+        const char *holder = OSSL_PROVIDER_get0_name(EVP_PKEY_get0_provider(tl_foreign_key));
+
+        if (holder == NULL || strlen(holder) > sizeof(k->inner_propq) - sizeof("provider=")
+            || !EVP_PKEY_up_ref(tl_foreign_key)) {
+            ERR_raise_data(ERR_LIB_PROV, ERR_R_EVP_LIB,
+                           "anyio-asyncssl offload: cannot refer to the %s key",
+                           key_type_name(k->type));
+            return 0;
+        }
+        EVP_PKEY_free(k->inner);
+        k->inner = tl_foreign_key;
+        k->has_priv = 1;
+        strcpy(k->inner_propq, "provider=");
+        strcat(k->inner_propq, holder);
+        return 1;
+    }
     /* export_to_provider asks for SELECT_ALL even for public keys */
     priv = (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY)
         && OSSL_PARAM_locate_const(params, k->type == KEY_RSA ? OSSL_PKEY_PARAM_RSA_D
@@ -361,11 +388,11 @@ static int keyop_init(keyop *op, void *keydata, int (*init)(EVP_PKEY_CTX *), con
     }
     op->k = k;
     EVP_PKEY_CTX_free(op->inner);
-    op->inner = EVP_PKEY_CTX_new_from_pkey(op->prov->libctx, k->inner, ASX_INNER_PROPQ);
+    op->inner = EVP_PKEY_CTX_new_from_pkey(op->prov->libctx, k->inner, k->inner_propq);
     if (op->inner == NULL || init(op->inner) <= 0) {
         ERR_raise_data(ERR_LIB_PROV, ERR_R_EVP_LIB,
-                       "anyio-asyncssl offload: the default provider cannot %s with the %s key",
-                       what, key_type_name(k->type));
+                       "anyio-asyncssl offload: %s cannot %s with the %s key",
+                       k->inner_propq, what, key_type_name(k->type));
         return 0;
     }
     return 1;
@@ -850,6 +877,8 @@ EVP_PKEY *asx_wrap_key(OSSL_LIB_CTX *libctx, EVP_PKEY *in)
     EVP_PKEY_CTX *pctx = NULL;
     EVP_PKEY *out = NULL;
     const char *type = EVP_PKEY_get0_type_name(in);
+    const char *holder;
+    int foreign;
 
     if (type == NULL || (strcmp(type, "RSA") != 0 && strcmp(type, "EC") != 0)) {
         ERR_raise_data(ERR_LIB_PROV, ERR_R_UNSUPPORTED,
@@ -857,16 +886,23 @@ EVP_PKEY *asx_wrap_key(OSSL_LIB_CTX *libctx, EVP_PKEY *in)
                        type ? type : "(unknown)");
         return NULL;
     }
-    if (EVP_PKEY_todata(in, EVP_PKEY_KEYPAIR, &params) <= 0) {
+    holder = OSSL_PROVIDER_get0_name(EVP_PKEY_get0_provider(in));
+    foreign = holder != NULL && strcmp(holder, "default") != 0;
+    /* a key another provider holds (a token's, which never gives out its
+     * private half) is referred to; a default-provider key is copied */
+    if (EVP_PKEY_todata(in, foreign ? EVP_PKEY_PUBLIC_KEY : EVP_PKEY_KEYPAIR, &params) <= 0) {
         ERR_raise_data(ERR_LIB_PROV, ERR_R_EVP_LIB,
                        "anyio-asyncssl offload: the %s key cannot be exported", type);
         return NULL;
     }
     pctx = EVP_PKEY_CTX_new_from_name(libctx, type, "provider=" ASX_OFFLOAD_PROVIDER);
     tl_import_open = 1;
+    tl_foreign_key = foreign ? in : NULL;
     if (pctx == NULL || EVP_PKEY_fromdata_init(pctx) <= 0
-        || EVP_PKEY_fromdata(pctx, &out, EVP_PKEY_KEYPAIR, params) <= 0)
+        || EVP_PKEY_fromdata(pctx, &out, foreign ? EVP_PKEY_PUBLIC_KEY : EVP_PKEY_KEYPAIR,
+                             params) <= 0)
         out = NULL;
+    tl_foreign_key = NULL;
     tl_import_open = 0;
     EVP_PKEY_CTX_free(pctx);
     OSSL_PARAM_free(params);

@@ -497,7 +497,7 @@ int asx_run(asx_pool *p, asx_req *q)
     ASYNC_WAIT_CTX *w;
     ASYNC_callback_fn cb = NULL;
     void *cb_arg = NULL;
-    int decide, early = 0, fd_only = 0;
+    int decide, early = 0, fd_only = 0, inline_latency_us;
     fdnote *note = NULL;
 
     if (q->kind == ASX_REQ_SIGN)
@@ -614,5 +614,9 @@ int asx_run(asx_pool *p, asx_req *q)
 
 run_inline:
     ADD(p, inline_ops, 1);
+    pthread_mutex_lock(&p->mu);
+    inline_latency_us = p->faults.inline_latency_us;
+    pthread_mutex_unlock(&p->mu);
+    sleep_us(inline_latency_us);
     return q->fn(q);
 }
