@@ -225,6 +225,32 @@ def test_the_token_refuses_to_give_out_its_private_keys(token: Token) -> None:
     assert listing.count("sensitive") >= 2, listing
 
 
+def test_with_no_workers_of_ours_the_tokens_provider_signs_directly(token: Token) -> None:
+    """Offload(workers=0): a provider that pauses jobs itself (QAT) keeps its keys.
+
+    In a fresh process: closing an Offload unloads its pkcs11-provider, whose
+    C_Finalize ends the PKCS#11 module for the whole process (PKCS#11's rule).
+    """
+    script = (
+        "import ssl, anyio_asyncssl as A\n"
+        "from anyio_asyncssl.testing import pump\n"
+        "off = A.Offload(workers=0)\n"
+        f"off.load_provider('pkcs11', path={token.provider!r}, "
+        f"params={{'pkcs11-module-path': {token.module!r}}}, properties='')\n"
+        "ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=off)\n"
+        f"ctx.load_cert_chain({str(token.chains['ec'])!r}, {token.uris['ec']!r}, "
+        f"password={PIN!r})\n"
+        f"client = A.TLSConnection(A.create_default_context(cafile={str(token.ca_file)!r}), "
+        "server_hostname='localhost')\n"
+        "server = A.TLSConnection(ctx, server_side=True)\n"
+        "pump(client, server)\n"
+        "print('VERSION', client.version(), 'SIGN_OPS', off.stats().sign_ops)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "VERSION TLSv1.3 SIGN_OPS 0" in proc.stdout, proc.stdout   # not through ours
+
+
 # == errors at load time, never at the first handshake ==================================
 def test_a_wrong_pin_fails_at_load_time(token: Token) -> None:
     """In a fresh process: a token stays logged in for the process once a PIN was right."""

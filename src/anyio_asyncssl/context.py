@@ -529,7 +529,9 @@ class TLSContext:
         else:
             key_data = _read_file(keyfile if keyfile is not None else certfile, "key file")
             pkey = _load_private_key(key_data, password, libctx, "private key")
-        if self._offload is not None:
+        if self._offload is not None and not (uri is not None and self._offload.workers == 0):
+            # Offload(workers=0) with a provider's key (a vendor provider that
+            # pauses jobs itself): that provider signs, directly
             lib.ERR_clear_error()
             wrapped = lib.asx_wrap_key(libctx, pkey)
             lib.EVP_PKEY_free(pkey)
