@@ -273,11 +273,14 @@ def test_a_wrong_pin_fails_at_load_time(token: Token) -> None:
     assert "REFUSED" in proc.stdout
 
 
-def test_a_missing_object_fails_at_load_time(token: Token, token_offload: A.Offload) -> None:
+@pytest.mark.parametrize("uri", ["pkcs11:token=asyncssl;object=nosuchkey;type=private",
+                                 "pkcs11:token=nosuchtoken;object=rsakey;type=private"],
+                         ids=["object", "token"])
+def test_a_missing_object_or_token_fails_at_load_time(token: Token, token_offload: A.Offload,
+                                                      uri: str) -> None:
     ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=token_offload)
     with pytest.raises(A.TLSError, match="no private key found at"):
-        ctx.load_cert_chain(token.chains["rsa"],
-                            "pkcs11:token=asyncssl;object=nosuchkey;type=private", password=PIN)
+        ctx.load_cert_chain(token.chains["rsa"], uri, password=PIN)
 
 
 def test_a_key_that_does_not_match_the_certificate_fails_at_load_time(
