@@ -191,10 +191,13 @@ def test_token_keys_serve_the_stdlib_with_signatures_on_workers(
             assert tls.recv(10) == b"token"
             seen.append((tls.version(), tls.getpeercert()["subjectAltName"]))
 
-    before = token_offload.stats().sign_ops
+    before = token_offload.stats()
     anyio.run(_serve_one, ctx, client)
+    after = token_offload.stats()
     assert seen == [("TLSv1.3", (("DNS", "localhost"), ("IP Address", "127.0.0.1")))]
-    assert token_offload.stats().sign_ops == before + 1   # the token signed, on a worker
+    # the token signed once, on one of our workers (not inline on the loop)
+    assert after.sign_ops == before.sign_ops + 1
+    assert after.completed == before.completed + 1 and after.inline == before.inline
 
 
 @pytest.mark.parametrize("kind", ["rsa", "ec"])
@@ -307,8 +310,14 @@ def test_a_provider_whose_module_is_missing_fails_before_any_handshake(token: To
 
 
 # == the loop keeps ticking while the token signs slowly ========================================
-def _storm(ctx: A.TLSContext, ca_file: Path, handshakes: int) -> float:
-    """Serve ``handshakes`` concurrent stdlib clients; the loop's worst 2 ms-tick lateness."""
+def _storm(ctx: A.TLSContext, ca_file: Path, handshakes: int) -> tuple[float, float]:
+    """Serve ``handshakes`` concurrent stdlib clients: the loop's 2 ms ticker's lateness.
+
+    Returns (worst, stalled) in ms: ``stalled`` sums each tick's lateness
+    beyond 5 ms, the time the loop spent blocked (each signature on the loop
+    adds nearly its whole duration), robust on a busy machine where ordinary
+    scheduling makes every tick a little late.
+    """
     lateness: list[float] = []
 
     async def main() -> None:
@@ -356,7 +365,7 @@ def _storm(ctx: A.TLSContext, ca_file: Path, handshakes: int) -> float:
                 tg.cancel_scope.cancel()
 
     anyio.run(main)
-    return max(lateness) * 1000
+    return max(lateness) * 1000, sum(max(0.0, x - 0.005) for x in lateness) * 1000
 
 
 def test_the_loop_keeps_ticking_while_the_token_signs_and_stalls_without_offload(
@@ -371,6 +380,8 @@ def test_the_loop_keeps_ticking_while_the_token_signs_and_stalls_without_offload
                         token.ca_file, 12)
     finally:
         engine.clear()
-    print(f"max tick lateness: offloaded {offloaded:.1f} ms, inline {inline:.1f} ms")
-    assert inline > 25, f"without offload the loop should stall ({inline:.1f} ms)"
-    assert offloaded < inline / 3, f"offloaded {offloaded:.1f} ms vs inline {inline:.1f} ms"
+    print(f"tick lateness, worst/stalled: offloaded {offloaded[0]:.1f}/{offloaded[1]:.1f} ms, "
+          f"inline {inline[0]:.1f}/{inline[1]:.1f} ms")
+    # 12 signatures of at least 30 ms each on the loop stall it for about 300 ms
+    assert inline[1] > 150, f"without offload the loop should stall ({inline[1]:.1f} ms)"
+    assert offloaded[1] < inline[1] / 4, f"offloaded {offloaded[1]:.1f} ms vs {inline[1]:.1f} ms"
