@@ -674,7 +674,7 @@ def _unusual_cert(tmp: Path, *, aia: bool) -> tuple[Path, Path]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost"),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Unusual")])
     dirname = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dir entry")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name)
         .public_key(key.public_key()).serial_number(0x1234ABCD)

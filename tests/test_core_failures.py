@@ -153,7 +153,7 @@ def test_hostname_check_off_accepts_other_name(pki: Pki) -> None:
 
 
 def test_expired_certificate_is_code_10(pki: Pki) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     path = _issue(pki, "expired", not_before=now - datetime.timedelta(days=30),
                   not_after=now - datetime.timedelta(days=1))
     server = A.TLSContext(ssl.PROTOCOL_TLS_SERVER)
@@ -166,7 +166,7 @@ def test_expired_certificate_is_code_10(pki: Pki) -> None:
 
 
 def test_not_yet_valid_certificate_is_code_9(pki: Pki) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     path = _issue(pki, "future", not_before=now + datetime.timedelta(days=1),
                   not_after=now + datetime.timedelta(days=30))
     server = A.TLSContext(ssl.PROTOCOL_TLS_SERVER)

@@ -10,16 +10,33 @@ cffi could not read.
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from anyio_asyncssl._native import build, stubgen
 from anyio_asyncssl._native._openssl import ffi as compiled_ffi
 from anyio_asyncssl._native._openssl import lib as compiled_lib
 
 ROOT = Path(__file__).resolve().parent.parent
+NATIVE = ROOT / "src" / "anyio_asyncssl" / "_native"
+
+
+def _tool(name: str) -> ModuleType:
+    """build.py / stubgen.py from the source tree (build tools: the wheel has neither)."""
+    spec = importlib.util.spec_from_file_location(f"_asx_test_{name}", NATIVE / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _tool("build")
+stubgen = _tool("stubgen")
 PYTHON_TREES = ("src/anyio_asyncssl", "tests", "benchmarks", "examples")
 LIB_NAME = re.compile(r"\blib\.([A-Za-z_]\w*)")
 

@@ -7,8 +7,14 @@ README's first command (``pip install '.[trio]' && asyncssl serve``).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,3 +29,70 @@ def test_every_subpackage_is_in_the_package_list() -> None:
     found = {".".join(p.parent.relative_to(src).parts)
              for p in (src / "anyio_asyncssl").rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)
+
+
+# --- the build stops before compiling when OpenSSL's headers are missing or old
+
+MESSAGE_LINES = (
+    "apt-get install libssl-dev",
+    "dnf install openssl-devel",
+    "apk add openssl-dev",
+    "ASYNCSSL_OPENSSL_DIR=",
+)
+
+
+def _pip_wheel(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`pip wheel` of this tree (no build isolation: the test extra has setuptools and cffi)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--no-cache-dir", "-w", str(tmp_path / "out"), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PIP_NO_INPUT": "1", **env}, check=False)
+
+
+@pytest.fixture
+def old_openssl(tmp_path: Path) -> Path:
+    """A prefix with OpenSSL 1.1.1's opensslv.h (all the probe reads)."""
+    inc = tmp_path / "old" / "include" / "openssl"
+    inc.mkdir(parents=True)
+    (inc / "opensslv.h").write_text(
+        "# define OPENSSL_VERSION_NUMBER  0x1010117fL\n"
+        '# define OPENSSL_VERSION_TEXT    "OpenSSL 1.1.1w  11 Sep 2023"\n')
+    return tmp_path / "old"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["no headers", "empty prefix", "OpenSSL 1.1.1"])
+def test_a_build_without_openssl_3_headers_stops_before_compiling_and_says_what_to_do(
+        case: str, tmp_path: Path, old_openssl: Path) -> None:
+    pytest.importorskip("setuptools", minversion="77",
+                        reason="pip install -e '.[test]' installs setuptools>=77")
+    env = {"no headers": {"CC": "gcc -nostdinc"},   # a compiler that sees no headers at all
+           "empty prefix": {"ASYNCSSL_OPENSSL_DIR": str(tmp_path)},
+           "OpenSSL 1.1.1": {"ASYNCSSL_OPENSSL_DIR": str(old_openssl)}}[case]
+    out = _pip_wheel(tmp_path, **env)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "anyio-asyncssl: cannot build:" in text, text[-3000:]
+    for line in MESSAGE_LINES:
+        assert line in text
+    why = {"no headers": "headers were not found", "empty prefix": "has no include/openssl",
+           "OpenSSL 1.1.1": "older than 3.0 (OpenSSL 1.1.1w"}[case]
+    assert why in text
+    # nothing was compiled: setuptools never reached the extension
+    assert "building 'anyio_asyncssl._native._openssl' extension" not in text
+    assert not list(tmp_path.glob("out/*.whl"))
+
+
+def test_the_build_reads_the_version_of_the_headers_it_compiles_against() -> None:
+    # (by path: "build" is also pypa's build, which the test extra installs)
+    spec = importlib.util.spec_from_file_location(
+        "asx_native_build", ROOT / "src" / "anyio_asyncssl" / "_native" / "build.py")
+    assert spec is not None and spec.loader is not None
+    native_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native_build)
+    text = native_build.find_openssl()
+    assert text.startswith("OpenSSL 3.") or text.startswith("OpenSSL 4."), text
+    # the library we run with is the one we built against (same major version)
+    import anyio_asyncssl
+    assert anyio_asyncssl.OPENSSL_VERSION.split()[1].split(".")[0] == text.split()[1].split(".")[0]

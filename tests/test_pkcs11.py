@@ -72,7 +72,7 @@ def _certificate_for(public_der: bytes, ca_key: object, ca_cert: object) -> byte
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     leaf = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
             .issuer_name(ca_cert.subject)  # type: ignore[attr-defined]
@@ -119,7 +119,7 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
         "--so-pin", "5678")
     tool = ("pkcs11-tool", "--module", module, "--token-label", "asyncssl", "--login",
             "--pin", PIN)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "asyncssl token CA")])
     ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)

@@ -893,7 +893,7 @@ def rsa4096(pki: Pki) -> tuple[Path, float]:
     ca_key = serialization.load_pem_private_key(pki.ca.private_key_pem.bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
     ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))

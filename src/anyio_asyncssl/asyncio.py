@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .asyncio_tls import TLSProtocol, TLSTransport
 from .context import TLSContext, require_tls_context
@@ -370,13 +370,39 @@ def _uvloop_class() -> type[asyncio.AbstractEventLoop]:
     return _uvloop_loop
 
 
-class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
-    """A policy whose loops are :func:`new_event_loop` loops (``uvloop=True``: on uvloop)."""
+def _policy_class() -> type[asyncio.AbstractEventLoopPolicy]:
+    class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+        """A policy whose loops are :func:`new_event_loop` loops (``uvloop=True``: on uvloop).
 
-    def __init__(self, *, uvloop: bool = False) -> None:
-        super().__init__()
-        self._uvloop = uvloop
+        asyncio's policies are deprecated from Python 3.14 on (as asyncio does,
+        looking this name up then warns); ``asyncio.run(main(),
+        loop_factory=new_event_loop)`` is the spelling that stays.
+        """
 
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        return new_event_loop(uvloop=self._uvloop)
+        def __init__(self, *, uvloop: bool = False) -> None:
+            super().__init__()
+            self._uvloop = uvloop
+
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            return new_event_loop(uvloop=self._uvloop)
+
+    EventLoopPolicy.__qualname__ = "EventLoopPolicy"
+    return EventLoopPolicy
+
+
+if TYPE_CHECKING:
+    class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+        def __init__(self, *, uvloop: bool = False) -> None: ...
+else:
+    _policy: type[asyncio.AbstractEventLoopPolicy] | None = None
+
+    def __getattr__(name: str) -> object:
+        # made on first use: defining it at import would touch
+        # asyncio.DefaultEventLoopPolicy, deprecated on Python 3.14
+        global _policy
+        if name == "EventLoopPolicy":
+            if _policy is None:
+                _policy = _policy_class()
+            return _policy
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

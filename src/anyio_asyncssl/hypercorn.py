@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import re
 import ssl
-import sys
 import warnings
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -88,9 +87,6 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "anyio_asyncssl.hypercorn needs hypercorn: pip install 'anyio-asyncssl[hypercorn]'"
     ) from exc
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    # trio depends on the backport before 3.11
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["serve", "tls_context_from_config"]
 

@@ -12,6 +12,14 @@ code uses is declared and that the stub is current.  Our C lives in ordinary
 non-deprecated OpenSSL 3.0 API.  ``setup.py`` names this module in
 ``cffi_modules``; ``python src/anyio_asyncssl/_native/build.py`` builds in place.
 
+Before anything is compiled, :func:`find_openssl` preprocesses
+``<openssl/opensslv.h>`` with the build's compiler and stops the build with
+one message (:data:`MISSING`: the package to install on Debian/Ubuntu,
+Fedora/RHEL and Alpine, and ``ASYNCSSL_OPENSSL_DIR``) when the headers are
+missing or older than 3.0.  ``ASYNCSSL_OPENSSL_DIR=/prefix`` builds against
+another OpenSSL: its ``include/`` and ``lib64/`` or ``lib/``, with an rpath so
+the extension loads those libraries at run time.
+
 Environment: ``ASYNCSSL_SANITIZE=address|undefined|thread`` compiles our C
 with AddressSanitizer, UndefinedBehaviorSanitizer (any report aborts) or
 ThreadSanitizer; the process must preload the runtime (``.ci/sanitize``).
@@ -21,7 +29,12 @@ ThreadSanitizer; the process must preload the runtime (``.ci/sanitize``).
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import subprocess
 import sys
+import sysconfig
+import tempfile
 
 from cffi import FFI
 
@@ -305,6 +318,81 @@ if SANITIZE:
     CFLAGS += [*SANITIZERS[SANITIZE], "-fno-omit-frame-pointer", "-g", "-O1"]
     LDFLAGS += SANITIZERS[SANITIZE]
 
+MISSING = """\
+anyio-asyncssl: cannot build: {problem}.
+It needs the development headers and libraries of OpenSSL 3.0 or newer:
+  Debian/Ubuntu:  apt-get install libssl-dev
+  Fedora/RHEL:    dnf install openssl-devel
+  Alpine:         apk add openssl-dev
+or point the build at another OpenSSL 3.x/4.x installation, whose include/ and
+lib/ (or lib64/) are used, e.g.:
+  ASYNCSSL_OPENSSL_DIR=/opt/openssl-3.5 pip install anyio-asyncssl"""
+
+
+class OpenSSLMissing(SystemExit):
+    """The build cannot start: no usable OpenSSL headers (the message says what to do)."""
+
+
+def openssl_dirs(prefix: str) -> tuple[list[str], list[str]]:
+    """The include and library directories of ``ASYNCSSL_OPENSSL_DIR`` (both empty if unset)."""
+    if not prefix:
+        return [], []
+    libs = [d for d in (os.path.join(prefix, "lib64"), os.path.join(prefix, "lib"))
+            if os.path.isdir(d)]
+    return [os.path.join(prefix, "include")], libs
+
+
+# what the preprocessor leaves of it names the headers' version, or says they are too old
+PROBE = """\
+#include <openssl/opensslv.h>
+#if OPENSSL_VERSION_NUMBER < 0x30000000L
+asx_old OPENSSL_VERSION_TEXT
+#else
+asx_version OPENSSL_VERSION_TEXT
+#endif
+"""
+
+
+def find_openssl(prefix: str = "", cc: str = "") -> str:
+    """OPENSSL_VERSION_TEXT of the headers the compiler sees; raises OpenSSLMissing.
+
+    ``prefix`` is ``ASYNCSSL_OPENSSL_DIR`` (its ``include/`` must hold the
+    headers: a stray system copy does not count); ``cc`` the compiler
+    command (``$CC``, else Python's own).
+    """
+    includes, _ = openssl_dirs(prefix)
+    if prefix and not os.path.isfile(os.path.join(includes[0], "openssl", "opensslv.h")):
+        raise OpenSSLMissing(MISSING.format(
+            problem=f"ASYNCSSL_OPENSSL_DIR={prefix} has no include/openssl/opensslv.h"))
+    cc = cc or os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, "probe.c")
+        with open(probe, "w") as f:
+            f.write(PROBE)
+        cmd = [*shlex.split(cc), "-E", *(f"-I{d}" for d in includes), probe]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except OSError as exc:
+            raise OpenSSLMissing(MISSING.format(problem=f"no C compiler ({cmd[0]}: {exc})")) \
+                from None
+    # (the expansion may sit on lines of its own, after line markers)
+    flat = " ".join(ln for ln in out.stdout.splitlines() if not ln.startswith("#"))
+    found = re.search(r"\basx_(old|version)\s+((?:\"[^\"]*\"\s*)+)", flat)
+    if out.returncode != 0 or not found:
+        errors = [ln for ln in out.stderr.splitlines() if "error" in ln] or ["not found"]
+        raise OpenSSLMissing(MISSING.format(
+            problem=f"the OpenSSL headers were not found ({errors[0].strip()})"))
+    text = "".join(re.findall(r'"([^"]*)"', found.group(2)))
+    if found.group(1) == "old":
+        raise OpenSSLMissing(MISSING.format(
+            problem=f"the OpenSSL headers found are older than 3.0 ({text})"))
+    return text
+
+
+OPENSSL_DIR = os.environ.get("ASYNCSSL_OPENSSL_DIR", "")
+OPENSSL_INCLUDE, OPENSSL_LIB = openssl_dirs(OPENSSL_DIR)
+OPENSSL_HEADERS_VERSION = find_openssl(OPENSSL_DIR)
+
 ffibuilder = FFI()
 ffibuilder.cdef(TYPES + OPENSSL_FUNCS)
 ffibuilder.cdef(header_cdef())
@@ -320,12 +408,11 @@ ffibuilder.set_source(
     #include <openssl/pem.h>
     #include <openssl/bn.h>
     #include "asyncssl.h"
-    #if OPENSSL_VERSION_NUMBER < 0x30000000L
-    #error "anyio-asyncssl needs OpenSSL >= 3.0 headers (apt-get install libssl-dev)"
-    #endif
     """,
     sources=[os.path.relpath(os.path.join(HERE, s), ROOT) for s in SOURCES],
-    include_dirs=[os.path.relpath(HERE, ROOT)],
+    include_dirs=[os.path.relpath(HERE, ROOT), *OPENSSL_INCLUDE],
+    library_dirs=OPENSSL_LIB,
+    runtime_library_dirs=OPENSSL_LIB,
     libraries=["ssl", "crypto"],
     extra_compile_args=CFLAGS,
     extra_link_args=LDFLAGS,

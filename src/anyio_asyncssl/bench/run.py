@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None, default_out: Path | None = None,
     cmd = "python benchmarks/run.py" + "".join(
         f" {shlex.quote(x)}" for x in (sys.argv[1:] if argv is None else argv))
     res: R.Results = {
-        "meta": {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "meta": {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                  "command": cmd, "machine": machine_info, "versions": P.versions(),
                  "method": method, "shared_machine_note": a.shared_note,
                  "elapsed_s": time.perf_counter() - t0},
