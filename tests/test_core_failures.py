@@ -7,6 +7,7 @@ import datetime
 import ssl
 import time
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import trustme
@@ -22,8 +23,13 @@ X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY = 20
 X509_V_ERR_HOSTNAME_MISMATCH = 62
 
 
+class _Side(Protocol):
+    def bytes_to_send(self) -> bytes: ...
+    def do_handshake(self, data: bytes = ...) -> A.Status: ...
+
+
 def _handshake_errors(
-    c: A.TLSConnection, s: A.TLSConnection, timeout: float = 5.0
+    c: _Side, s: _Side, timeout: float = 5.0
 ) -> tuple[ssl.SSLError | None, ssl.SSLError | None]:
     """Run a handshake to its end; return (client error, server error).
 
@@ -69,7 +75,7 @@ def _pair(
 
 
 def _issue(pki: Pki, name: str, **kw: object) -> Path:
-    leaf = pki.ca.issue_cert("localhost", key_type=trustme.KeyType.RSA, **kw)  # type: ignore[arg-type]
+    leaf = pki.ca.issue_cert("localhost", key_type=trustme.KeyType.RSA, **kw)
     path = pki.tmp / f"{name}.pem"
     leaf.private_key_and_cert_chain_pem.write_to_path(path)
     return path
@@ -303,3 +309,69 @@ def test_error_queue_does_not_leak_into_next_connection(pki: Pki) -> None:
     with pytest.raises(A.CertificateVerifyError) as info:
         pump(c3, s3)
     assert "application protocol" not in str(info.value)
+
+
+# -- the same failure has the stdlib's reason name on every OpenSSL ------------------------
+class _StdlibSide:
+    """A stdlib ``SSLObject`` over memory BIOs, spoken to like a TLSConnection by
+    :func:`_handshake_errors`."""
+
+    def __init__(self, ctx: ssl.SSLContext, *, server_side: bool) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                server_hostname=None if server_side else "localhost")
+
+    def bytes_to_send(self) -> bytes:
+        return self.outgoing.read()
+
+    def do_handshake(self, data: bytes = b"") -> A.Status:
+        if data:
+            self.incoming.write(data)
+        try:
+            self.obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return A.Status.WANT_READ
+        return A.Status.DONE
+
+
+def _stdlib_server(pki: Pki) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki.rsa_file)
+    return ctx
+
+
+def _stdlib_client(cafile: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(cafile))
+
+
+@pytest.mark.parametrize("case", ["handshake_failure received", "unknown_ca received"])
+def test_a_received_alert_has_the_stdlibs_reason_name_whatever_openssl_calls_it(
+        pki: Pki, tmp_path: Path, case: str) -> None:
+    """OpenSSL 3.5 reworded alert reasons ("ssl/tls alert handshake failure" for
+    "sslv3 alert handshake failure"); the stdlib names a reason by its code, so
+    must we: the same alert from the same peer gives the same ``reason``."""
+    if case == "handshake_failure received":
+        # the server finds no shared cipher and says handshake_failure
+        server_std = _stdlib_server(pki)
+        server_std.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+        ours, theirs = pki.client_ctx(), _stdlib_client(pki.ca_file)
+        for ctx in (ours, theirs):
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+            ctx.set_ciphers("ECDHE-RSA-AES256-GCM-SHA384")
+        our_err, _ = _handshake_errors(A.TLSConnection(ours, server_hostname="localhost"),
+                                       _StdlibSide(server_std, server_side=True))
+        std_err, _ = _handshake_errors(_StdlibSide(theirs, server_side=False),
+                                       _StdlibSide(server_std, server_side=True))
+    else:
+        # a client that trusts another CA says unknown_ca to the server
+        other = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(other)
+        server_ours, server_std = pki.server_ctx("rsa"), _stdlib_server(pki)
+        _, our_err = _handshake_errors(_StdlibSide(_stdlib_client(other), server_side=False),
+                                       A.TLSConnection(server_ours, server_side=True))
+        _, std_err = _handshake_errors(_StdlibSide(_stdlib_client(other), server_side=False),
+                                       _StdlibSide(server_std, server_side=True))
+    assert isinstance(our_err, A.TLSError) and isinstance(std_err, ssl.SSLError)
+    assert our_err.reason == std_err.reason, (our_err, std_err)
+    assert our_err.library == std_err.library == "SSL"
+    assert f"[SSL: {std_err.reason}]" in str(our_err)

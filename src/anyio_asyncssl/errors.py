@@ -2,12 +2,14 @@
 
 Every exception subclasses :class:`ssl.SSLError`, so ``except ssl.SSLError``
 in existing code keeps working.  Like the stdlib, ``library`` and ``reason``
-carry OpenSSL's library and reason (reason in the stdlib's upper-case
-mnemonic style, e.g. ``CERTIFICATE_VERIFY_FAILED``).
+carry OpenSSL's library and reason, the reason by the stdlib's own name for
+the code (``CERTIFICATE_VERIFY_FAILED``, ``SSLV3_ALERT_HANDSHAKE_FAILURE``),
+so it does not change when an OpenSSL release rewords the reason's text.
 """
 
 from __future__ import annotations
 
+import _ssl
 import ssl
 from typing import Any, NoReturn
 
@@ -107,21 +109,36 @@ def _s(p: object) -> str:
     return "" if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
 
 
-def drain_queue() -> tuple[tuple[str, str, str], ...]:
-    """Pop every entry of this thread's OpenSSL error queue."""
-    out: list[tuple[str, str, str]] = []
+# The stdlib's own names for OpenSSL's (library, reason) codes: the macro
+# names (SSL_R_<NAME>), which stay when OpenSSL rewords a reason's text
+# (3.5's "ssl/tls alert handshake failure" is still SSLV3_ALERT_HANDSHAKE_FAILURE).
+# Where the stdlib knows none (a newer code), the text's mnemonic is used.
+_STDLIB_NAMES: dict[tuple[int, int], str] = getattr(_ssl, "err_codes_to_names", {})
+
+
+def _drain() -> list[tuple[str, str, str, str]]:
+    """Pop every entry of this thread's OpenSSL error queue: (library, text, detail, mnemonic)."""
+    out: list[tuple[str, str, str, str]] = []
     data = ffi.new("const char **")
     flags = ffi.new("int *")
     while True:
         code = lib.ERR_get_error_all(ffi.NULL, ffi.NULL, ffi.NULL, data, flags)
         if code == 0:
-            return tuple(out)
+            return out
         lib_code = lib.ERR_GET_LIB(code)
+        reason_code = lib.ERR_GET_REASON(code)
         lib_name = _LIBRARIES.get(lib_code) or _s(lib.ERR_lib_error_string(code)) or (
             f"lib({lib_code})")
-        reason = _s(lib.ERR_reason_error_string(code)) or f"reason({lib.ERR_GET_REASON(code)})"
+        text = _s(lib.ERR_reason_error_string(code))
+        reason = text or f"reason({reason_code})"
+        mnemonic = _STDLIB_NAMES.get((lib_code, reason_code)) or _mnemonic(text) or reason
         detail = _s(data[0]) if (flags[0] & 0x02) else ""  # ERR_TXT_STRING
-        out.append((lib_name, reason, detail))
+        out.append((lib_name, reason, detail, mnemonic))
+
+
+def drain_queue() -> tuple[tuple[str, str, str], ...]:
+    """Pop every entry of this thread's OpenSSL error queue: (library, reason text, detail)."""
+    return tuple(entry[:3] for entry in _drain())
 
 
 def error_from_queue(
@@ -144,12 +161,13 @@ def error_from_queue(
     ``library``/``reason`` override what the queue says (for conditions
     libssl reports only through a return value); ``attrs`` go to ``cls``.
     """
-    errors = drain_queue()
-    lib_name = reason_text = None
-    if errors:
+    entries = _drain()
+    errors = tuple(entry[:3] for entry in entries)
+    lib_name = mnemonic = None
+    if entries:
         # the last entry is the outermost (libssl's), the first the root cause
-        lib_name, reason_text, detail = errors[-1]
-        parts = [f"[{_mnemonic(lib_name)}: {_mnemonic(reason_text)}] {reason_text}"]
+        lib_name, reason_text, detail, mnemonic = entries[-1]
+        parts = [f"[{_mnemonic(lib_name)}: {mnemonic}] {reason_text}"]
         if detail:
             parts.append(f"({detail})")
         if len(errors) > 1:
@@ -162,7 +180,7 @@ def error_from_queue(
         text = context or default
     return cls(message if message is not None else text,
                library=library if library is not None else _mnemonic(lib_name),
-               reason=reason if reason is not None else _mnemonic(reason_text),
+               reason=reason if reason is not None else mnemonic,
                errors=errors, **attrs)
 
 
