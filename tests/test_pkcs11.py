@@ -83,6 +83,14 @@ def _certificate_for(public_der: bytes, ca_key: object, ca_cert: object) -> byte
             .add_extension(x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                 critical=False)
+            # what a strict verifier (Python 3.13's VERIFY_X509_STRICT) requires, as trustme does
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)  # type: ignore[attr-defined]
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                serialization.load_der_public_key(public_der)), critical=False)  # type: ignore[arg-type]
+            .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
             .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
     return leaf.public_bytes(serialization.Encoding.PEM)
 
@@ -127,6 +135,12 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
                .not_valid_before(now - datetime.timedelta(minutes=5))
                .not_valid_after(now + datetime.timedelta(days=1))
                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(
+                   digital_signature=True, key_cert_sign=True, crl_sign=True,
+                   content_commitment=False, key_encipherment=False, data_encipherment=False,
+                   key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                              critical=False)
                .sign(ca_key, hashes.SHA256()))
     ca_file = tmp / "ca.pem"
     ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
