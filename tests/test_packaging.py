@@ -96,3 +96,14 @@ def test_the_build_reads_the_version_of_the_headers_it_compiles_against() -> Non
     # the library we run with is the one we built against (same major version)
     import anyio_asyncssl
     assert anyio_asyncssl.OPENSSL_VERSION.split()[1].split(".")[0] == text.split()[1].split(".")[0]
+
+
+def test_the_docs_quote_the_builds_message_as_it_is() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "asx_native_build_docs", ROOT / "src" / "anyio_asyncssl" / "_native" / "build.py")
+    assert spec is not None and spec.loader is not None
+    native_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native_build)
+    page = (ROOT / "docs" / "installing.md").read_text()
+    for line in native_build.MISSING.splitlines()[1:]:   # (the first names the problem)
+        assert line in page, line
