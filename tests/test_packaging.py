@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,14 +85,18 @@ def test_a_build_without_openssl_3_headers_stops_before_compiling_and_says_what_
     assert not list(tmp_path.glob("out/*.whl"))
 
 
-def test_the_build_reads_the_version_of_the_headers_it_compiles_against() -> None:
-    # (by path: "build" is also pypa's build, which the test extra installs)
+def _native_build() -> Any:
+    """The cffi build script, loaded by path ("build" is also pypa's build, a test extra)."""
     spec = importlib.util.spec_from_file_location(
         "asx_native_build", ROOT / "src" / "anyio_asyncssl" / "_native" / "build.py")
     assert spec is not None and spec.loader is not None
-    native_build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(native_build)
-    text = native_build.find_openssl()
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_build_reads_the_version_of_the_headers_it_compiles_against() -> None:
+    text = _native_build().find_openssl()
     assert text.startswith("OpenSSL 3.") or text.startswith("OpenSSL 4."), text
     # the library we run with is the one we built against (same major version)
     import anyio_asyncssl
@@ -99,11 +104,7 @@ def test_the_build_reads_the_version_of_the_headers_it_compiles_against() -> Non
 
 
 def test_the_docs_quote_the_builds_message_as_it_is() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "asx_native_build_docs", ROOT / "src" / "anyio_asyncssl" / "_native" / "build.py")
-    assert spec is not None and spec.loader is not None
-    native_build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(native_build)
+    native_build = _native_build()
     page = (ROOT / "docs" / "installing.md").read_text()
     for line in native_build.MISSING.splitlines()[1:]:   # (the first names the problem)
         assert line in page, line
