@@ -15,6 +15,7 @@ import pytest
 from conftest import Pki
 
 import anyio_asyncssl as A
+from anyio_asyncssl.testing import pump
 
 # TLS record content types (RFC 8446 5.1)
 CHANGE_CIPHER_SPEC = 20
@@ -70,9 +71,24 @@ def test_context_options_are_a_superset_of_the_stdlib_defaults() -> None:
         ours = A.TLSContext(protocol).options
         stdlib = ssl.SSLContext(protocol).options
         # CPython leaves SSL_OP_DONT_INSERT_EMPTY_FRAGMENTS out of SSL_OP_ALL
-        # (a TLS 1.0 CBC workaround we do not need: TLS >= 1.2 only)
-        missing = stdlib & ~ours & ~0x800
+        # (a TLS 1.0 CBC workaround we do not need: TLS >= 1.2 only).  Debian's
+        # python3 (not upstream CPython) adds OP_IGNORE_UNEXPECTED_EOF, which
+        # takes a truncation for a clean end: we keep upstream's default, a
+        # ragged EOF is a TLSEOFError (test_the_default_context_reports_a_ragged_eof)
+        missing = stdlib & ~ours & ~0x800 & ~ssl.OP_IGNORE_UNEXPECTED_EOF
         assert missing == 0, hex(missing)
+
+
+def test_the_default_context_reports_a_ragged_eof(pki: Pki) -> None:
+    """Upstream CPython's default, whatever a distribution's python3 does."""
+    for protocol in (ssl.PROTOCOL_TLS_CLIENT, ssl.PROTOCOL_TLS_SERVER):
+        assert not A.TLSContext(protocol).options & ssl.OP_IGNORE_UNEXPECTED_EOF
+    server = A.TLSConnection(pki.server_ctx("rsa"), server_side=True)
+    client = A.TLSConnection(pki.client_ctx(), server_hostname="localhost")
+    pump(client, server)
+    server.receive_eof()   # the transport ended, no close_notify
+    with pytest.raises(A.TLSEOFError):
+        server.read(100)
 
 
 def test_tls13_server_sends_ccs_after_server_hello(pki: Pki) -> None:
