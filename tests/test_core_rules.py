@@ -25,6 +25,9 @@ from anyio_asyncssl.testing import TestEngine, pump, retry_while_async
 
 TIMEOUT = 10.0
 Status = A.Status
+#: OpenSSL 4.0 fails every call on a connection in its error state before it
+#: resumes a paused job (docs/architecture.md, "Where OpenSSL versions differ")
+STICKY_FATAL_ERRORS = A.OPENSSL_VERSION_NUMBER >= 0x4000_0000
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -386,7 +389,13 @@ def test_rule4_a_failure_whose_alert_pauses_is_still_a_paused_job(
     assert A.connection_counters()["paused_now"] == base["paused_now"]
     assert lib.ERR_peek_error() == 0
     alert = s.bytes_to_send()
-    assert alert  # the fatal alert was encrypted and sent
+    if STICKY_FATAL_ERRORS:
+        # OpenSSL 4.0 refuses every call once the connection failed, before it
+        # would resume the job: the job is abandoned once its engine is done,
+        # and the alert it was encrypting is never sent
+        assert alert == b""
+    else:
+        assert alert  # the fatal alert was encrypted and sent
     if failure == "transport-eof":
         assert isinstance(info.value, A.TLSEOFError)
     elif failure == "bad-record-mac":
@@ -394,14 +403,16 @@ def test_rule4_a_failure_whose_alert_pauses_is_still_a_paused_job(
         # (DECRYPTION_FAILED_OR_BAD_RECORD_MAC; since 3.2's record layer, as the
         # cause of RECORD_LAYER_FAILURE)
         assert any("bad record mac" in reason for _, reason, _ in info.value.errors), info.value
-        with pytest.raises(A.TLSError) as peer:
-            c.read(100, alert)
-        assert peer.value.reason == "SSLV3_ALERT_BAD_RECORD_MAC"
+        if alert:
+            with pytest.raises(A.TLSError) as peer:
+                c.read(100, alert)
+            assert peer.value.reason == "SSLV3_ALERT_BAD_RECORD_MAC"
     else:
         assert info.value.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
-        with pytest.raises(A.TLSError) as peer:
-            c.read(100, alert)
-        assert peer.value.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+        if alert:
+            with pytest.raises(A.TLSError) as peer:
+                c.read(100, alert)
+            assert peer.value.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
     s.free()  # nothing paused: freed at once, not parked
     now = A.connection_counters()
     assert now["freed"] == base["freed"] + 1 and now["parked"] == base["parked"]

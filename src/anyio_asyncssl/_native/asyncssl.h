@@ -264,6 +264,15 @@ struct asx_conn {
     int deferred_status;      /* a read that failed after returning data: its
                                * status, reported by the next read (job_errors
                                * keep its error queue) */
+    /* OpenSSL 4.0 refuses every call on a connection in its error state
+     * before it would resume a paused job: a job that paused after a fatal
+     * error (the alert's encryption) can never finish.  Such a job is
+     * abandoned (its fibre stack is never freed) once its engine has
+     * signalled completion; then the failure is reported and the SSL may be
+     * freed (docs/architecture.md, "Where OpenSSL versions differ"). */
+    int job_dead;             /* 1: the paused job can never be resumed */
+    uint64_t dead_wakeups;    /* wakeups when it was found dead */
+    int dead_async_status;    /* its SSL_get_async_status() then */
 #endif
 };
 

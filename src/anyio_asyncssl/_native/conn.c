@@ -52,6 +52,7 @@
 #include <openssl/ssl.h>
 #include <openssl/err.h>
 #include <openssl/async.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -178,8 +179,10 @@ int asx_conn_free(asx_conn *c)
 {
     if (c == NULL)
         return 1;
-    if (c->pending_op != ASX_OP_NONE || SSL_waiting_for_async(c->ssl))
+    if (c->pending_op != ASX_OP_NONE || (SSL_waiting_for_async(c->ssl) && !c->job_dead))
         return 0;
+    /* a dead job (job_dead, its engine done) is abandoned: SSL_free frees
+     * its wait context; the job's fibre is never resumed nor freed */
     job_errors_clear(c);
     SSL_free(c->ssl);    /* frees both BIOs */
     free(c->own_read);
@@ -351,6 +354,100 @@ static size_t read_more(asx_conn *c, size_t n)
     return n;
 }
 
+/* Completions the engine signalled from outside the job (an "early" wake-up
+ * fires inside the job, before the pause, and says nothing of completion). */
+static uint64_t outside_wakeups(asx_conn *c)
+{
+    uint64_t w = __atomic_load_n(&c->wakeups, __ATOMIC_ACQUIRE);
+
+    return w - __atomic_load_n(&c->cb_in_job, __ATOMIC_ACQUIRE);
+}
+
+/* OpenSSL 4.0 keeps a connection's fatal error sticky: every later call
+ * fails at once, before it would resume a paused job, and SSL_get_error()
+ * reports the failure (SSL_ERROR_SSL or SSL_ERROR_SYSCALL) whatever the queue
+ * holds, from the very call that paused.  Asked with the queue empty (the
+ * job's errors already saved), a paused job's connection answers
+ * SSL_ERROR_WANT_ASYNC unless it is in that state: then no call will ever
+ * resume the job.  Before 4.0 the retry resumes it; it sends its alert and
+ * ends. */
+static int job_is_dead(asx_conn *c, int ret)
+{
+    int e;
+
+    if (ERR_peek_error() != 0)
+        return 0;
+    e = SSL_get_error(c->ssl, ret);
+    return e == SSL_ERROR_SSL || e == SSL_ERROR_SYSCALL;
+}
+
+/* whether the engine is done with a dead job's operation: only then may the
+ * SSL (its wait context, the callback's argument) be freed */
+static int dead_job_engine_done(asx_conn *c)
+{
+    switch (c->dead_async_status) {
+    case ASYNC_STATUS_OK:
+        return outside_wakeups(c) != c->dead_wakeups;
+    case ASYNC_STATUS_UNSUPPORTED: {
+        OSSL_ASYNC_FD fds[8];
+        struct pollfd p[8];
+        size_t n = 0, i;
+
+        if (!SSL_get_all_async_fds(c->ssl, NULL, &n) || n == 0)
+            return 1;
+        if (n > sizeof(fds) / sizeof(fds[0]) || !SSL_get_all_async_fds(c->ssl, fds, &n))
+            return 0;
+        for (i = 0; i < n; i++) {
+            p[i].fd = fds[i];
+            p[i].events = POLLIN;
+            p[i].revents = 0;
+        }
+        return poll(p, (nfds_t)n, 0) > 0;
+    }
+    default:                     /* EAGAIN, ERR: nothing is in flight */
+        return 1;
+    }
+}
+
+/* a step on a connection whose job can never resume (job_is_dead): no SSL
+ * call (OpenSSL would refuse it).  Until the engine is done the operation
+ * still answers WANT_ASYNC; then it fails with the errors the job queued
+ * (a read that paused after some records returns them first). */
+static void dead_job_step(asx_conn *c, int op, asx_result *r)
+{
+    asx_result later;
+
+    r->ret = -1;
+    ERR_clear_error();
+    if (c->pending_op == op && !dead_job_engine_done(c)) {
+        c->retries++;
+        c->want_async++;
+        r->ssl_error = SSL_ERROR_WANT_ASYNC;
+        r->status = ASX_WANT_ASYNC;
+        r->async_status = c->dead_async_status;
+        return;
+    }
+    memset(&later, 0, sizeof(later));
+    classify_failure(c, -1, &later);
+    if (later.status == ASX_WANT_ASYNC || later.status == ASX_DONE) {
+        /* not OpenSSL 4.0's sticky error after all: never report a pause */
+        later.status = ASX_ERROR;
+        later.ssl_error = SSL_ERROR_SSL;
+    }
+    if (op == ASX_OP_READ && c->pending_op == op && c->read_off > 0) {
+        c->deferred_status = later.status;
+        job_errors_save(c);
+        r->ret = 1;
+        r->status = ASX_DONE;
+        r->result = c->read_off;
+        c->read_off = 0;
+        return;
+    }
+    r->ssl_error = later.ssl_error;
+    r->status = later.status;
+    r->sys_errno = later.sys_errno;
+}
+
 void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t arg,
               unsigned char *out, size_t outcap, asx_result *r)
 {
@@ -375,7 +472,12 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
         job_errors_restore(c);
         if (r->status == ASX_TRANSPORT_ERROR)
             r->sys_errno = asx_sockbio_errno(c->sock);
+    } else if (op != ASX_OP_NONE && c->job_dead) {
+        dead_job_step(c, op, r);
+        c->pending_op = r->status == ASX_WANT_ASYNC ? op : ASX_OP_NONE;
     } else if (op != ASX_OP_NONE) {
+        uint64_t before = outside_wakeups(c);
+
         if (c->pending_op == op)
             c->retries++;
         else
@@ -446,6 +548,13 @@ void asx_step(asx_conn *c, int op, const unsigned char *in, size_t inlen, size_t
             if (!SSL_get_async_status(c->ssl, &r->async_status))
                 r->async_status = ASYNC_STATUS_UNSUPPORTED;
             job_errors_save(c);
+            if (job_is_dead(c, ret)) {
+                /* OpenSSL 4.0: no call will resume it.  The completion to
+                 * wait for is one signalled after this call began. */
+                c->job_dead = 1;
+                c->dead_wakeups = before;
+                c->dead_async_status = r->async_status;
+            }
         } else {
             classify_failure(c, ret, r);
         }

@@ -146,15 +146,18 @@ int asx_async_callback(SSL *s, void *arg)
 {
     asx_conn *c = arg;
     asx_notifier *n = __atomic_load_n(&c->notifier, __ATOMIC_ACQUIRE);
+    uint64_t id = c->id;
 
     (void)s;
     if (asx_is_worker_thread())
         __atomic_add_fetch(&c->cb_on_worker, 1, __ATOMIC_RELAXED);
     if (ASYNC_get_current_job() != NULL)
         __atomic_add_fetch(&c->cb_in_job, 1, __ATOMIC_RELAXED);
+    /* the last touch of |c|: a connection whose job can never resume (conn.c,
+     * job_dead) may be freed as soon as its owner sees this count move */
     __atomic_add_fetch(&c->wakeups, 1, __ATOMIC_RELEASE);
     if (n != NULL)
-        asx_notifier_post(n, c->id);
+        asx_notifier_post(n, id);
     return 1;
 }
 
