@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -19,6 +20,17 @@ import trustme
 
 import anyio_asyncssl as A
 from anyio_asyncssl.testing import TestEngine
+
+
+def alert_received(exc: BaseException) -> int | None:
+    """The description code of the fatal alert the peer sent (RFC 8446 6), from
+    OpenSSL's "SSL alert number N" detail: the code, not the reason's name,
+    which OpenSSL renamed (3.6: TLS_ALERT_BAD_RECORD_MAC, a new code)."""
+    for _, _, detail in getattr(exc, "errors", ()):
+        m = re.search(r"SSL alert number (\d+)", detail)
+        if m:
+            return int(m.group(1))
+    return None
 
 
 @dataclass
