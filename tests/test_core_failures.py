@@ -11,7 +11,7 @@ from typing import Protocol
 
 import pytest
 import trustme
-from conftest import Pki
+from conftest import Pki, alert_received
 
 import anyio_asyncssl as A
 from anyio_asyncssl.testing import pump
@@ -372,6 +372,14 @@ def test_a_received_alert_has_the_stdlibs_reason_name_whatever_openssl_calls_it(
         _, std_err = _handshake_errors(_StdlibSide(_stdlib_client(other), server_side=False),
                                        _StdlibSide(server_std, server_side=True))
     assert isinstance(our_err, A.TLSError) and isinstance(std_err, ssl.SSLError)
-    assert our_err.reason == std_err.reason, (our_err, std_err)
+    assert alert_received(our_err) == {"handshake_failure received": 40,
+                                       "unknown_ca received": 48}[case]
     assert our_err.library == std_err.library == "SSL"
+    ours_major_minor = (A.OPENSSL_VERSION_NUMBER >> 28, (A.OPENSSL_VERSION_NUMBER >> 20) & 0xFF)
+    if ssl.OPENSSL_VERSION_INFO[:2] != ours_major_minor:
+        # (a system whose stdlib links another OpenSSL, e.g. 3.6 beside our 4.0,
+        # which reports alerts under new codes, TLS_ALERT_*: the names differ
+        # there as the two OpenSSLs do; the alert above is what both agree on)
+        return
+    assert our_err.reason == std_err.reason, (our_err, std_err)
     assert f"[SSL: {std_err.reason}]" in str(our_err)
