@@ -216,6 +216,10 @@ EXPECTED_REASON = {
 
 # OpenSSL answers no alert when the bytes are not TLS records at all
 SILENT = {"random_bytes", "http_request"}
+# an SSLv2-format ClientHello: OpenSSL 3.x parses it and answers with an alert;
+# 4.0 no longer reads that format and takes it for non-TLS bytes (silence).
+# RFC 8446 D.5 leaves accepting it to the server: either answer is right
+SILENT_OR_ALERT = {"sslv2_hello"}
 EXPECTED_ALERT = {  # RFC 8446 6.2 alert descriptions
     "huge_length_header": 22,  # record_overflow
     "oversized_record": 22,
@@ -240,7 +244,7 @@ async def test_garbage_instead_of_client_hello_fails_that_connection_only(
             if ending == "eof":
                 await raw.send_eof()
                 answer = await drain(raw)
-                if name in SILENT:
+                if name in SILENT or (name in SILENT_OR_ALERT and answer == b""):
                     assert answer == b"", answer[:16]
                 else:  # the server told the client why: a fatal alert
                     assert answer[:3] in (b"\x15\x03\x01", b"\x15\x03\x03"), answer[:16]
