@@ -190,12 +190,12 @@ int i2d_X509(X509 *a, unsigned char **out);
 void X509_free(X509 *a);
 void EVP_PKEY_free(EVP_PKEY *key);
 
-X509_NAME *X509_get_subject_name(const X509 *a);
-X509_NAME *X509_get_issuer_name(const X509 *a);
+const X509_NAME *X509_get_subject_name(const X509 *a);
+const X509_NAME *X509_get_issuer_name(const X509 *a);
 int X509_NAME_entry_count(const X509_NAME *name);
-X509_NAME_ENTRY *X509_NAME_get_entry(const X509_NAME *name, int loc);
-ASN1_OBJECT *X509_NAME_ENTRY_get_object(const X509_NAME_ENTRY *ne);
-ASN1_STRING *X509_NAME_ENTRY_get_data(const X509_NAME_ENTRY *ne);
+const X509_NAME_ENTRY *X509_NAME_get_entry(const X509_NAME *name, int loc);
+const ASN1_OBJECT *X509_NAME_ENTRY_get_object(const X509_NAME_ENTRY *ne);
+const ASN1_STRING *X509_NAME_ENTRY_get_data(const X509_NAME_ENTRY *ne);
 int X509_NAME_ENTRY_set(const X509_NAME_ENTRY *ne);
 int OBJ_obj2nid(const ASN1_OBJECT *o);
 const char *OBJ_nid2ln(int n);

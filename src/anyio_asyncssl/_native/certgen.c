@@ -44,7 +44,7 @@ int asx_self_signed(const char *common_name, const char *san, const char *key_ty
     X509_EXTENSION *ext = NULL;
     X509V3_CTX v3;
     BIO *cb = NULL, *kb = NULL;
-    X509_NAME *name;
+    X509_NAME *name = NULL;
     int ok = 0;
 
     *cert_pem = *key_pem = NULL;
@@ -60,11 +60,14 @@ int asx_self_signed(const char *common_name, const char *san, const char *key_ty
         || X509_gmtime_adj(X509_getm_notAfter(x), (long)days * 86400) == NULL
         || !X509_set_pubkey(x, pkey))
         goto end;
-    name = X509_get_subject_name(x);
-    if (!X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
-                                    (const unsigned char *)common_name, -1, -1, 0)
+    /* a name of our own, set as subject and issuer (OpenSSL 4.0's
+     * X509_get_subject_name() returns a name that must not be changed) */
+    if ((name = X509_NAME_new()) == NULL
+        || !X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
+                                       (const unsigned char *)common_name, -1, -1, 0)
         || !X509_NAME_add_entry_by_txt(name, "O", MBSTRING_UTF8,
                                        (const unsigned char *)"anyio-asyncssl", -1, -1, 0)
+        || !X509_set_subject_name(x, name)
         || !X509_set_issuer_name(x, name))
         goto end;
     X509V3_set_ctx(&v3, x, x, NULL, NULL, 0);
@@ -94,6 +97,7 @@ int asx_self_signed(const char *common_name, const char *san, const char *key_ty
         *cert_pem = *key_pem = NULL;
     }
 end:
+    X509_NAME_free(name);
     X509_EXTENSION_free(ext);
     BIO_free(cb);
     BIO_free(kb);
