@@ -33,6 +33,20 @@ def alert_received(exc: BaseException) -> int | None:
     return None
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C reaches the servers the tests start, as it does in a terminal.
+
+    A shell starts a background job with SIGINT ignored; the ignoring is
+    inherited through exec, and coreutils' ``timeout`` no longer resets it
+    (9.8: "timeout now honors ignored signals").  A Python started with
+    SIGINT ignored installs no KeyboardInterrupt handler, so under
+    ``pytest ... &`` every server child (examples, docs) would ignore the
+    tests' Ctrl-C.  The suite runs its children as a terminal would.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @dataclass
 class Pki:
     ca: trustme.CA
@@ -122,11 +136,31 @@ def recording_handler(handler: Callable[[Any], Awaitable[None]],
     return guarded
 
 
+def signal_state(pid: int | str = "self") -> str:
+    """A process's blocked, ignored and caught signal masks, from /proc (hex, as the kernel)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError as exc:
+        return f"pid {pid}: {exc}"
+    return f"pid {pid}: " + " ".join(line.replace(":\t", "=") for line in status.splitlines()
+                                     if line.startswith(("SigBlk:", "SigIgn:", "SigCgt:")))
+
+
 def stop_with_ctrl_c(proc: subprocess.Popen[str]) -> str:
-    """SIGINT a server process: it must exit 0 without a traceback; its stdout."""
+    """SIGINT a server process: it must exit 0 without a traceback; its stdout.
+
+    A process that does not stop is reported with its signal masks and the
+    test process's (a SIGINT blocked or ignored here is inherited by children).
+    """
     proc.send_signal(signal.SIGINT)
     try:
         out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        state = f"child {signal_state(proc.pid)}; tests {signal_state()}"
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args!r} did not stop on SIGINT within 20 s: {state}\n"
+                             f"stdout: {out[-2000:]}\nstderr: {err[-2000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
