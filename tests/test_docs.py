@@ -16,9 +16,12 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,7 +42,7 @@ try:
     import trio as _trio
 except ImportError:
     _trio = None
-PORT = 8443
+PORT = 8443  # DOCS_PORT
 EXERCISED = []
 
 def _echo_client():
@@ -117,6 +120,49 @@ print("EXERCISED", EXERCISED)
 '''
 
 
+DOCS_PORT = 8443
+
+
+@pytest.fixture
+def docs_port() -> Iterator[int]:
+    """Port 8443, which the docs' servers and clients use as written, is this test's alone.
+
+    Chroots share the host's network: two suites running at once (one per
+    Debian release) met on 8443, and one's client reached the other's server.
+    An abstract Unix socket, named in the network namespace and released when
+    its holder dies, is the machine-wide claim; then the port must be free.
+    """
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + 900
+    while True:
+        try:
+            claim.bind(f"\0anyio-asyncssl-tests-port-{DOCS_PORT}")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                claim.close()
+                pytest.fail(f"another test run held port {DOCS_PORT} for 15 minutes")
+            time.sleep(0.1)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            probe = socket.socket()
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", DOCS_PORT))
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"127.0.0.1:{DOCS_PORT}, which the docs use, is taken by "
+                                f"another program: {exc}")
+                time.sleep(0.1)
+            finally:
+                probe.close()
+        yield DOCS_PORT
+    finally:
+        claim.close()
+
+
 def blocks(page: Path) -> list[tuple[str, str | None]]:
     return [(m["code"], m["skip"]) for m in BLOCK.finditer(page.read_text())]
 
@@ -144,7 +190,7 @@ def test_every_python_block_compiles_and_skips_say_why() -> None:
 
 @pytest.mark.parametrize("page", [p for p in PAGES if any(s is None for _, s in blocks(p))],
                          ids=lambda p: p.name)
-def test_every_python_block_runs(page: Path, files: Path) -> None:
+def test_every_python_block_runs(page: Path, files: Path, docs_port: int) -> None:
     runnable = [code for code, skip in blocks(page) if skip is None]
     source = "\n".join(runnable)
     program = (textwrap.dedent(PRELUDE) + f"USES_TRIO = {'trio.run(' in source}\n"
@@ -184,13 +230,18 @@ def _serve(d: Path, args: list[str]) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     banner = proc.stdout.readline()
-    assert "server on" in banner, (args, banner, proc.poll())
+    if "server on" not in banner:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"asyncssl {shlex.join(args)}: no banner (exit {proc.returncode}):"
+                             f" {banner!r}\n{err[-2000:]}")
     return proc
 
 
 @pytest.mark.parametrize("page", [p for p in sorted((ROOT / "docs").glob("*.md"))
                                   if SH_BLOCK.search(p.read_text())], ids=lambda p: p.name)
-def test_every_shell_command_in_the_docs_runs(page: Path, tmp_path: Path) -> None:
+def test_every_shell_command_in_the_docs_runs(page: Path, tmp_path: Path,
+                                              docs_port: int) -> None:
     """Each ``asyncssl`` line of the page, as written (``bench`` in its --smoke mode)."""
     commands = sh_commands(page)
     for i, line in enumerate(commands):
