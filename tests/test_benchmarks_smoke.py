@@ -81,3 +81,55 @@ def test_uvicorn_storm_runs_all_three_servers(tmp_path: Path) -> None:
         assert r["load"]["handshakes"] > 0, variant
         assert r["ticks"] > 100, variant
         assert r["p99_ratio"] > 0, variant
+
+
+def test_a_starved_server_stretches_the_handshake_window_instead_of_failing(
+        tmp_path: Path) -> None:
+    """A server too slow to finish a handshake in the window (a loaded machine) still gets
+    a rate: the window stretches until one completes, and the rate is over its real length."""
+    import socket
+    import ssl
+    import threading
+    import time
+
+    from anyio_asyncssl.selfsigned import generate_self_signed
+
+    cert, key = generate_self_signed("localhost")
+    (tmp_path / "server.pem").write_bytes(key + cert)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "server.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    delay = 1.0
+    stop = threading.Event()
+
+    def serve() -> None:          # one handshake at a time, each after a 1 s stall
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            time.sleep(delay)
+            try:
+                with ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        r = subprocess.run([sys.executable, "-m", "anyio_asyncssl.bench.load", "handshake",
+                            str(port), "--concurrency", "1", "--seconds", "0.2"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+    assert r.returncode == 0, r.stderr
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    res = json.loads(line[7:])
+    assert res["handshakes"] >= 1, res
+    assert res["seconds"] >= delay, res            # the window was stretched...
+    assert res["rate"] == pytest.approx(res["handshakes"] / res["seconds"])  # ...and counted

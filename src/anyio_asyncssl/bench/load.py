@@ -9,7 +9,10 @@
   driven by one epoll loop.  Without ``--rate``, ``--concurrency``
   handshakes are kept in flight (closed loop); with it, a new handshake
   starts every ``1/rate`` s (open loop, at most 256 in flight) whatever the
-  server's speed.  The socket is closed right after the handshake.
+  server's speed.  The socket is closed right after the handshake.  A rate
+  needs a completed handshake: on a starved machine the window is stretched
+  (by at most ``STRETCH_SECONDS``) until one completes; the rate is the
+  count over the window's real length either way.
 * ``bulk``: one connection; send ``--mib`` MiB and read the echo back at the
   same time (one thread, non-blocking socket, so neither side's buffers fill
   up); the time runs from the end of the handshake to the last echoed byte.
@@ -34,6 +37,9 @@ import ssl
 import sys
 import time
 from typing import Any
+
+#: how far a handshake window may be stretched when no handshake completed in it
+STRETCH_SECONDS = 30.0
 
 
 def client_context() -> ssl.SSLContext:
@@ -126,7 +132,9 @@ def handshakes(port: int, concurrency: int, seconds: float, rate: float | None) 
     while True:
         now = perf()
         if now >= end:
-            break
+            if done or now >= t0 + seconds + STRETCH_SECONDS:
+                break
+            end = now + 0.05  # nothing completed yet (a starved machine): measure on
         if rate is None:
             while len(conns) < max_in_flight:
                 start(now)
