@@ -138,6 +138,11 @@ class Records(logging.Handler):
     def errors(self) -> list[str]:
         return [r.getMessage() for r in self.records if r.levelno >= logging.ERROR]
 
+    def tracebacks(self) -> str:
+        """The ERROR records in full (with their exceptions), for a failure's message."""
+        fmt = logging.Formatter()
+        return "\n".join(fmt.format(r) for r in self.records if r.levelno >= logging.ERROR)
+
 
 def make_config(pki: Pki | None, **settings: Any) -> Config:
     config = Config()
@@ -198,7 +203,7 @@ async def serving(config: Config, **kw: Any) -> AsyncIterator[Served]:
         with trio.fail_after(config.graceful_timeout + 15):
             await returned.wait()
     assert app.lifespan == ["lifespan.startup", "lifespan.shutdown"]
-    assert log.errors() == []
+    assert log.errors() == [], log.tracebacks()
 
 
 # -- the clients -----------------------------------------------------------------

@@ -68,6 +68,8 @@ from .trio import TrioTLSListener, TrioTLSStream
 
 try:
     from hypercorn.config import Config
+    from hypercorn.events import Closed, Event
+    from hypercorn.protocol.events import StreamClosed
     from hypercorn.trio.lifespan import Lifespan
     from hypercorn.trio.statsd import StatsdLogger
     from hypercorn.trio.tcp_server import TCPServer
@@ -298,6 +300,7 @@ class _TLSTCPServer(TCPServer):
         super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
         self.tls_stream = stream
         self.server_cert = server_cert
+        self._h2_held: object = None
 
     async def run(self) -> None:
         # TCPServer.run handshakes the same way but returns without closing
@@ -316,13 +319,64 @@ class _TLSTCPServer(TCPServer):
         # TCPServer._close: send_eof() (AttributeError on trio.SSLStream, so
         # skipped there; close_notify here), then aclose().  Bounded, and
         # aclose() runs even if send_eof() is cancelled (graceful_timeout).
+        # send_eof() sends, so it takes TCPServer's send lock like
+        # protocol_send(): an h2 stream's task may be sending at that moment
+        # (it got BusyResourceError, "Error in ASGI Framework").  The task
+        # that already holds it (a send that broke, then Closed) goes on.
         try:
             with trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT):
-                await self.tls_stream.send_eof()
+                if self.send_lock.statistics().owner is trio.lowlevel.current_task():
+                    await self.tls_stream.send_eof()
+                else:
+                    async with self.send_lock:
+                        await self.tls_stream.send_eof()
         except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
-            pass  # already gone, or a send is in progress
+            pass  # already gone
         finally:
             await self.tls_stream.aclose()
+
+    async def _initiate_server_close(self) -> None:
+        # TCPServer._initiate_server_close (an idle connection at shutdown or
+        # after keep_alive_timeout: how h2 connections end in a graceful
+        # shutdown) closes the stream directly, which with
+        # https_compatible=True sends no close_notify; curl 8.x fails such a
+        # transfer ("unexpected eof while reading").  Closed the same way as
+        # _close(): with close_notify.  Called shielded, so bounded there.
+        await self.protocol.handle(Closed())
+        await self._close()
+
+    async def protocol_send(self, event: Event) -> None:
+        self._hold_h2_stream_ends()
+        await super().protocol_send(event)
+
+    def _hold_h2_stream_ends(self) -> None:
+        # hypercorn's h2 stream (0.18.0, protocol/h2.py) ends when its send
+        # task has taken the last chunk (drain()), perhaps before that task
+        # sends END_STREAM; at shutdown the stream's end sends GOAWAY at once
+        # (close_connection()), after which h2 refuses every frame, so
+        # END_STREAM is never sent and the client sees a partial response
+        # (curl 8.x: "Transferred a partial file").  The send task removes a
+        # stream's buffer once END_STREAM is sent: at shutdown, a stream's end
+        # waits for that (bounded).  Set up before the protocol's first
+        # output, so before its first stream.
+        inner = getattr(getattr(self, "protocol", None), "protocol", None)
+        if inner is None or inner is self._h2_held:
+            return
+        buffers = getattr(inner, "stream_buffers", None)
+        if not isinstance(buffers, dict):
+            return  # HTTP/1.1
+        self._h2_held = inner
+        stream_send = inner.stream_send
+        terminated = self.context.terminated
+
+        async def held(event: Any) -> None:
+            if isinstance(event, StreamClosed) and terminated.is_set():
+                with trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT):
+                    while event.stream_id in buffers and not inner.closed:
+                        await trio.sleep(0.001)
+            await stream_send(event)
+
+        inner.stream_send = held
 
 
 # -- serving -------------------------------------------------------------------------------
