@@ -25,7 +25,7 @@ hypercorn touches the TLS stream in ``hypercorn/trio/tcp_server.py``
 ``send_eof()`` (which ``trio.SSLStream`` lacks) then ``aclose()``; the rest
 is ``send_all``/``receive_some``/``aclose``.  :class:`TrioTLSStream` has all
 of these, so the unchanged ``TCPServer`` serves it.  A small subclass,
-:class:`_TLSTCPServer`, changes three things:
+:class:`_TLSTCPServer`, changes these things:
 
 * it runs the handshake first, and closes the stream when it fails
   (hypercorn returns without closing it, leaving the socket to the garbage
@@ -33,6 +33,10 @@ of these, so the unchanged ``TCPServer`` serves it.  A small subclass,
 * ``_close()`` bounds ``send_eof()`` (ours sends close_notify, so a
   ``Connection: close`` response ends with a clean TLS closure) and closes
   the stream even when cancelled;
+* a connection closed for being idle (how a graceful shutdown ends h2
+  connections) also gets close_notify, and at shutdown an h2 stream's end
+  waits until its END_STREAM is sent (hypercorn could send GOAWAY first,
+  after which h2 sends nothing: curl 8.x reports a partial transfer);
 * the app gets the ASGI TLS extension (``scope["extensions"]["tls"]``:
   TLS version, cipher suite, the client's certificate), which hypercorn does
   not provide.
