@@ -30,6 +30,7 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
+import anyio_asyncssl as A
 from anyio_asyncssl.selfsigned import generate_self_signed
 
 ASYNCSSL = [sys.executable, "-m", "anyio_asyncssl"]
@@ -144,7 +145,10 @@ def test_version_everywhere(command: str) -> None:
     for argv in (["--version"], [command, "--version"]):
         proc = run(*argv)
         assert proc.returncode == 0
-        assert re.match(rb"asyncssl \d+\.\d+\.\d+ \(OpenSSL 3", proc.stdout), proc.stdout
+        # the OpenSSL it runs on (3.x or 4.x), named as the library names itself
+        assert re.match(rb"asyncssl \d+\.\d+\.\d+ \(OpenSSL \d+\.\d+\.\d+", proc.stdout), \
+            proc.stdout
+        assert f"({A.OPENSSL_VERSION})".encode() in proc.stdout, proc.stdout
 
 
 # == serve ========================================================================
