@@ -383,3 +383,28 @@ def test_a_received_alert_has_the_stdlibs_reason_name_whatever_openssl_calls_it(
         return
     assert our_err.reason == std_err.reason, (our_err, std_err)
     assert f"[SSL: {std_err.reason}]" in str(our_err)
+
+
+def test_reason_names_come_from_the_headers_as_the_stdlibs_do() -> None:
+    """The build's table names every reason by its macro (asx_reason_name)."""
+    import _ssl
+
+    from anyio_asyncssl._ffi import ffi, lib
+
+    def name(lib_code: int, reason: int) -> str | None:
+        p = lib.asx_reason_name(lib_code, reason)
+        return None if p == ffi.NULL else ffi.string(p).decode()
+
+    assert name(lib.ERR_LIB_SSL, lib.SSL_R_CERTIFICATE_VERIFY_FAILED) == "CERTIFICATE_VERIFY_FAILED"
+    assert name(lib.ERR_LIB_SSL, lib.SSL_R_UNEXPECTED_EOF_WHILE_READING) == (
+        "UNEXPECTED_EOF_WHILE_READING")
+    assert name(lib.ERR_LIB_SSL, 99999) is None
+    # Python up to 3.12 exports its own table (3.13 no longer does): where
+    # both name a code, the names agree
+    stdlib: dict[tuple[int, int], str] = getattr(_ssl, "err_codes_to_names", {})
+    same_openssl = ssl.OPENSSL_VERSION_INFO[:2] == (
+        A.OPENSSL_VERSION_NUMBER >> 28, (A.OPENSSL_VERSION_NUMBER >> 20) & 0xFF)
+    if stdlib and same_openssl:
+        disagree = {k: (v, name(*k)) for k, v in stdlib.items() if name(*k) not in (None, v)}
+        assert not disagree, disagree
+        assert sum(name(*k) is not None for k in stdlib) > 0.9 * len(stdlib)

@@ -2,14 +2,13 @@
 
 Every exception subclasses :class:`ssl.SSLError`, so ``except ssl.SSLError``
 in existing code keeps working.  Like the stdlib, ``library`` and ``reason``
-carry OpenSSL's library and reason, the reason by the stdlib's own name for
-the code (``CERTIFICATE_VERIFY_FAILED``, ``SSLV3_ALERT_HANDSHAKE_FAILURE``),
+carry OpenSSL's library and reason, the reason by the name the stdlib gives
+the code (its macro's) (``CERTIFICATE_VERIFY_FAILED``, ``SSLV3_ALERT_HANDSHAKE_FAILURE``),
 so it does not change when an OpenSSL release rewords the reason's text.
 """
 
 from __future__ import annotations
 
-import _ssl
 import ssl
 from typing import Any, NoReturn
 
@@ -109,11 +108,20 @@ def _s(p: object) -> str:
     return "" if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
 
 
-# The stdlib's own names for OpenSSL's (library, reason) codes: the macro
-# names (SSL_R_<NAME>), which stay when OpenSSL rewords a reason's text
-# (3.5's "ssl/tls alert handshake failure" is still SSLV3_ALERT_HANDSHAKE_FAILURE).
-# Where the stdlib knows none (a newer code), the text's mnemonic is used.
-_STDLIB_NAMES: dict[tuple[int, int], str] = getattr(_ssl, "err_codes_to_names", {})
+# A reason's name is its macro's (SSL_R_<NAME>), as the stdlib names it: a
+# table build.py makes from the headers we compile against
+# (asx_reason_name), so a release that rewords a reason's text (3.5: "ssl/tls
+# alert handshake failure") keeps its name.  A code the headers do not name
+# gets its text's mnemonic.
+_NAMES: dict[tuple[int, int], str | None] = {}
+
+
+def _reason_name(lib_code: int, reason_code: int) -> str | None:
+    key = (lib_code, reason_code)
+    if key not in _NAMES:
+        p = lib.asx_reason_name(lib_code, reason_code)
+        _NAMES[key] = None if p == ffi.NULL else ffi.string(p).decode()
+    return _NAMES[key]
 
 
 def _drain() -> list[tuple[str, str, str, str]]:
@@ -131,7 +139,7 @@ def _drain() -> list[tuple[str, str, str, str]]:
             f"lib({lib_code})")
         text = _s(lib.ERR_reason_error_string(code))
         reason = text or f"reason({reason_code})"
-        mnemonic = _STDLIB_NAMES.get((lib_code, reason_code)) or _mnemonic(text) or reason
+        mnemonic = _reason_name(lib_code, reason_code) or _mnemonic(text) or reason
         detail = _s(data[0]) if (flags[0] & 0x02) else ""  # ERR_TXT_STRING
         out.append((lib_name, reason, detail, mnemonic))
 

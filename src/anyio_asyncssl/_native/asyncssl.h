@@ -349,4 +349,14 @@ int asx_cert_uris(X509 *x, int kind, char *buf, size_t cap);
 X509 *asx_chain_cert(const SSL *ssl, int verified, int i);
 /* cffi: end */
 
+/* ------------------------------------------------------------------ */
+/* error names (a table build.py makes from the OpenSSL headers)       */
+/* ------------------------------------------------------------------ */
+/* cffi: begin */
+/* the name of reason |reason| of library |lib| as the headers spell its
+ * macro (SSL_R_SSLV3_ALERT_HANDSHAKE_FAILURE: "SSLV3_ALERT_HANDSHAKE_FAILURE"),
+ * the name the stdlib gives it; NULL for a code the headers do not name */
+const char *asx_reason_name(int lib, int reason);
+/* cffi: end */
+
 #endif

@@ -389,6 +389,65 @@ def find_openssl(prefix: str = "", cc: str = "") -> str:
     return text
 
 
+def _preprocess(flags: list[str], code: str, cc: str = "") -> str:
+    cc = cc or os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, "probe.c")
+        with open(probe, "w") as f:
+            f.write(code)
+        out = subprocess.run([*shlex.split(cc), "-E", *flags, probe],
+                             capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def reason_table(includes: list[str], cc: str = "") -> str:
+    """C source of ``asx_reason_name``: every ``<LIB>_R_<NAME> <code>`` macro of the
+    headers' ``*err.h`` files, keyed by (``ERR_LIB_<LIB>``, code), sorted for bsearch.
+
+    The stdlib names a reason by its macro (its own table is made from
+    OpenSSL's sources the same way); a release that rewords the reason's
+    text keeps the name.  Python 3.13 no longer exports its table.
+    """
+    flags = [f"-I{d}" for d in includes]
+    marks = _preprocess(flags, "#include <openssl/opensslv.h>\n", cc)
+    found = re.search(r'^# \d+ "([^"]*/openssl)/opensslv\.h"', marks, re.M)
+    headers = sorted(os.listdir(found.group(1))) if found else []
+    err_headers = [h for h in headers if h.endswith("err.h")]
+    code = "".join(f"#include <openssl/{h}>\n" for h in err_headers)
+    macros = _preprocess([*flags, "-dM", "-DOPENSSL_API_COMPAT=30000"], code, cc)
+    libs = {m[0]: int(m[1]) for m in re.findall(r"^#define ERR_LIB_(\w+) (\d+)$", macros, re.M)}
+    rows: dict[tuple[int, int], str] = {}
+    for prefix, name, value in re.findall(r"^#define (\w+?)_R_(\w+) (\d+)$", macros, re.M):
+        if prefix in libs:
+            rows.setdefault((libs[prefix], int(value)), name)
+    body = ",\n".join(f'    {{{lib}, {reason}, "{name}"}}'
+                      for (lib, reason), name in sorted(rows.items()))
+    return f"""
+    #include <stdlib.h>
+    struct asx_reason {{ int lib; int reason; const char *name; }};
+    static const struct asx_reason asx_reasons[] = {{
+    {body or '    {0, 0, ""}'}
+    }};
+    static int asx_reason_cmp(const void *a, const void *b)
+    {{
+        const struct asx_reason *x = a, *y = b;
+
+        if (x->lib != y->lib)
+            return x->lib < y->lib ? -1 : 1;
+        return x->reason < y->reason ? -1 : x->reason > y->reason;
+    }}
+    const char *asx_reason_name(int lib, int reason)
+    {{
+        struct asx_reason key = {{lib, reason, NULL}};
+        const struct asx_reason *hit = bsearch(&key, asx_reasons,
+            sizeof(asx_reasons) / sizeof(asx_reasons[0]), sizeof(asx_reasons[0]),
+            asx_reason_cmp);
+
+        return hit != NULL && hit->name[0] != '\\0' ? hit->name : NULL;
+    }}
+    """
+
+
 OPENSSL_DIR = os.environ.get("ASYNCSSL_OPENSSL_DIR", "")
 OPENSSL_INCLUDE, OPENSSL_LIB = openssl_dirs(OPENSSL_DIR)
 OPENSSL_HEADERS_VERSION = find_openssl(OPENSSL_DIR)
@@ -408,7 +467,7 @@ ffibuilder.set_source(
     #include <openssl/pem.h>
     #include <openssl/bn.h>
     #include "asyncssl.h"
-    """,
+    """ + reason_table(OPENSSL_INCLUDE),
     sources=[os.path.relpath(os.path.join(HERE, s), ROOT) for s in SOURCES],
     include_dirs=[os.path.relpath(HERE, ROOT), *OPENSSL_INCLUDE],
     library_dirs=OPENSSL_LIB,
