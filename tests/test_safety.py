@@ -644,8 +644,10 @@ def _our_libcrypto() -> str:
     """The libcrypto our extension links (libcrypto.so.3, or .so.4 on OpenSSL 4.0)."""
     import anyio_asyncssl._native._openssl as native
 
+    # (not under a preloaded sanitizer runtime, which ldd's loader crashes on)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     out = subprocess.run(["ldd", str(native.__file__)], capture_output=True, text=True,
-                         check=True).stdout
+                         check=True, env=env).stdout
     found = re.search(r"libcrypto\.so\.\d+ => (\S+)", out)
     assert found, out
     return found.group(1)
