@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,17 @@ MESSAGE_LINES = (
 
 
 def _pip_wheel(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """`pip wheel` of this tree (no build isolation: the test extra has setuptools and cffi)."""
+    """`pip wheel` of a copy of this tree (no build isolation: the test extra has
+    setuptools and cffi; a copy, so no earlier build in build/ is reused)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns(
+        "*.so", "__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "setup.py", "setup.cfg", "README.md", "LICENSE",
+                 "MANIFEST.in"):
+        shutil.copy(ROOT / name, tree / name)
     return subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--no-cache-dir", "-w", str(tmp_path / "out"), str(ROOT)],
+         "--no-cache-dir", "-w", str(tmp_path / "out"), str(tree)],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "PIP_NO_INPUT": "1", **env}, check=False)
 
@@ -108,3 +117,39 @@ def test_the_docs_quote_the_builds_message_as_it_is() -> None:
     page = (ROOT / "docs" / "installing.md").read_text()
     for line in native_build.MISSING.splitlines()[1:]:   # (the first names the problem)
         assert line in page, line
+
+
+@pytest.mark.slow
+def test_asyncssl_openssl_dir_builds_against_that_prefix_and_loads_its_libraries(
+        tmp_path: Path) -> None:
+    """A prefix laid out as ``make install_sw`` does (include/openssl, lib64/), here
+    made of links to this machine's OpenSSL: the build compiles with its headers,
+    links its lib64 and records it as the extension's run path."""
+    pytest.importorskip("setuptools", minversion="77",
+                        reason="pip install -e '.[test]' installs setuptools>=77")
+    import anyio_asyncssl._native._openssl as native
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    needed = subprocess.run(["ldd", native.__file__], capture_output=True, text=True,
+                            check=True, env=env).stdout
+    prefix = tmp_path / "openssl"
+    (prefix / "include").mkdir(parents=True)
+    (prefix / "lib64").mkdir()
+    probe = subprocess.run(["gcc", "-E", "-x", "c", "-"], input="#include <openssl/opensslv.h>\n",
+                           capture_output=True, text=True, check=True).stdout
+    found = re.search(r'^# \d+ "([^"]*/openssl)/opensslv\.h"', probe, re.M)
+    assert found, probe[:500]
+    (prefix / "include" / "openssl").symlink_to(found.group(1))
+    for name in ("ssl", "crypto"):
+        lib = re.search(rf"lib{name}\.so\.\d+ => (\S+)", needed)
+        assert lib, needed
+        (prefix / "lib64" / f"lib{name}.so").symlink_to(lib.group(1))
+    out = _pip_wheel(tmp_path, ASYNCSSL_OPENSSL_DIR=str(prefix))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    (wheel,) = (tmp_path / "out").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        (so,) = [n for n in z.namelist() if n.endswith(".abi3.so")]
+        z.extract(so, tmp_path / "x")
+    dynamic = subprocess.run(["readelf", "-d", str(tmp_path / "x" / so)],
+                             capture_output=True, text=True, check=True).stdout
+    assert str(prefix / "lib64") in dynamic, dynamic
