@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import gc
 import math
+import os
 import random
 import socket
 import ssl
@@ -24,7 +25,7 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import UNIXSocketStream
+from anyio.abc import SocketAttribute, UNIXSocketStream
 from conftest import Pki
 
 import anyio_asyncssl as A
@@ -531,6 +532,54 @@ async def test_stream_dropped_with_a_paused_job_is_parked_then_reaped(
     assert counters["parked_now"] == baseline["parked_now"]
     assert counters["reaped"] == baseline["reaped"] + 2
     await _settle(offload, baseline, parked_allowed=True)
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+async def test_a_dropped_connection_never_writes_into_its_old_fd_number(
+        pki: Pki, offload: A.Offload, engine: TestEngine) -> None:
+    """A stream dropped with a paused write, its transport closed: the kernel
+    may hand the fd number to another socket before the parked job is reaped.
+    The reaped job's record must not go into that socket (it went into another
+    connection's handshake as a bad record: bad_record_mac there)."""
+    baseline = A.connection_counters()
+    engine.set(latency_ms=20)
+    ctx = _pausing_server_ctx(pki, offload, engine)
+    mine, theirs = socket.socketpair()   # made first: neither may take the old number
+    server, client = await _tls_pair(ctx, pki.client_ctx())
+    old_fd = server.transport_stream.extra(SocketAttribute.raw_socket).fileno()
+    status, _ = server.ssl_object.write(b"must never arrive anywhere")
+    assert status is A.Status.WANT_ASYNC
+    await _wait_until(lambda: offload.stats().in_flight == 0)  # its wake-up came and went
+    await server.transport_stream.aclose()
+    await anyio.aclose_forcefully(client)
+    del server, client
+    gc.collect()
+    with anyio.fail_after(5):          # (asyncio closes the socket a loop turn later)
+        while _fd_open(old_fd):
+            await anyio.sleep(0.01)     # then the number is free
+    assert A.connection_counters()["parked_now"] == baseline["parked_now"] + 1
+    try:
+        os.dup2(theirs.fileno(), old_fd)     # another socket has the old number
+        with anyio.fail_after(10):
+            while A.connection_counters()["parked_now"] > baseline["parked_now"]:
+                A.reap_parked()              # the job ends (its write fails), it is freed
+                await anyio.sleep(0.01)
+        mine.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            got = mine.recv(65536)
+            pytest.fail(f"the dropped connection wrote {len(got)} bytes into another socket")
+    finally:
+        os.close(old_fd)
+        mine.close()
+        theirs.close()
+    assert A.connection_counters()["reaped"] == baseline["reaped"] + 1
 
 
 async def test_aclose_does_not_wait_for_a_job_no_task_is_finishing(

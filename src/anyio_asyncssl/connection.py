@@ -193,6 +193,13 @@ class _Handle:
             except TypeError:   # interpreter exit: parking's globals are gone
                 pass
             return
+        # Nobody does I/O for a dropped connection any more, and its transport
+        # closes with it (or did already): the kernel may give its fd number
+        # to another socket before the reaped job writes its record, which
+        # would then go into that other connection.  Its socket is forgotten
+        # first (steps fail with EBADF).  Safe on any thread: no step of a
+        # dropped connection is under way, and workers never touch the BIO.
+        lib.asx_conn_forget_socket(c)
         parking.park(self)
 
 
