@@ -141,9 +141,9 @@ def test_asyncssl_openssl_dir_builds_against_that_prefix_and_loads_its_libraries
     assert found, probe[:500]
     (prefix / "include" / "openssl").symlink_to(found.group(1))
     for name in ("ssl", "crypto"):
-        lib = re.search(rf"lib{name}\.so\.\d+ => (\S+)", needed)
-        assert lib, needed
-        (prefix / "lib64" / f"lib{name}.so").symlink_to(lib.group(1))
+        linked = re.search(rf"lib{name}\.so\.\d+ => (\S+)", needed)
+        assert linked, needed
+        (prefix / "lib64" / f"lib{name}.so").symlink_to(linked.group(1))
     out = _pip_wheel(tmp_path, ASYNCSSL_OPENSSL_DIR=str(prefix))
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     (wheel,) = (tmp_path / "out").glob("*.whl")
