@@ -1047,7 +1047,7 @@ async def test_the_loop_keeps_ticking_while_offloaded_handshakes_sign(
     for _attempt in range(4):  # a loaded machine may preempt us once; the best run counts
         lateness_offload = min(lateness_offload, await _max_loop_lateness(
             offload_ctx, client_ctx, anyio_backend))
-        if lateness_offload < 0.025 and lateness_offload < lateness_inline / 2:
+        if lateness_offload < 0.040 and lateness_offload < lateness_inline / 2:
             break
     assert offload.stats().sign_ops >= sign_ops + 20
 
@@ -1055,6 +1055,8 @@ async def test_the_loop_keeps_ticking_while_offloaded_handshakes_sign(
               f"one RSA-4096 sign {sign_time * 1e3:.2f} ms")
     print(report, file=sys.stderr)
     assert lateness_inline >= sign_time, report     # without offload the loop stalls
-    assert lateness_offload < 0.025, report          # well under the 50 ms engine latency
+    # under the 50 ms engine latency: the loop never waited for the engine (a
+    # busy machine, e.g. CI's two lanes on 2 cores, adds ~25 ms of its own)
+    assert lateness_offload < 0.040, report
     assert lateness_offload < lateness_inline / 2, report
     await _settle(offload, baseline)
