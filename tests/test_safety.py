@@ -804,3 +804,71 @@ async def test_handshake_error_handler_sees_the_transport_open_then_it_is_closed
     assert seen == [local]
     with pytest.raises(anyio.ClosedResourceError):
         await transports[0].send(b"x")
+
+
+# -- buffer exports and cyclic garbage ----------------------------------------
+_NOT_TLS = b"\x16\x03\x01\x00\x05hello-not-tls" * 3
+
+
+def _exports_in_traceback(exc: BaseException) -> list[str]:
+    """cffi buffer exports (``ffi.from_buffer`` cdata) still held by the frames of ``exc``."""
+    found = []
+    tb = exc.__traceback__
+    while tb is not None:
+        for name, value in tb.tb_frame.f_locals.items():
+            if isinstance(value, A._ffi.ffi.CData) and " buffer " in repr(value):
+                found.append(f"{tb.tb_frame.f_code.co_name}: {name} = {value!r}")
+        tb = tb.tb_next
+    return found
+
+
+@pytest.mark.parametrize("call", ["write (no job can pause)", "read(incoming=)",
+                                  "do_handshake(incoming=)"])
+def test_no_buffer_export_outlives_a_failing_call(pki: Pki, call: str) -> None:
+    """A failing call's traceback holds no export of the caller's buffer.
+
+    It did: the direct write and every ``incoming=`` kept their
+    ``ffi.from_buffer`` cdata in the frame that raised, so a stream that
+    records its failure (a cycle: stream, exception, traceback, frame) made
+    cyclic garbage holding a memoryview with an export, which CPython before
+    3.12.7 cannot collect safely (see the next test).
+    """
+    s = A.TLSConnection(pki.server_ctx("ec"), server_side=True)
+    with pytest.raises(A.TLSError) as info:
+        if call.startswith("write"):
+            s.write(memoryview(bytearray(100)), incoming=memoryview(_NOT_TLS))
+        elif call.startswith("read"):
+            s.read(100, memoryview(_NOT_TLS))
+        else:
+            s.do_handshake(memoryview(_NOT_TLS))
+    assert _exports_in_traceback(info.value) == []
+
+
+def test_a_failed_write_in_cyclic_garbage_does_not_crash_the_collector(pki: Pki) -> None:
+    """The crash itself (python/cpython#77894, Python < 3.12.7; a no-op check after).
+
+    ``examples/https_server.py`` died with SIGSEGV at exit once in 64 runs:
+    a client hung up, the server's write failed, the stream kept the
+    exception, and the collector cleared the exported memoryview ("Exception
+    ignored in tp_clear of memoryview: memoryview has 1 exported buffer"),
+    then crashed releasing it.
+    """
+    proc = run_child("""
+        import gc, ssl, sys
+        import anyio_asyncssl as A
+        ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(sys.argv[1])
+        def fail_once():
+            s = A.TLSConnection(ctx, server_side=True)
+            try:
+                s.write(memoryview(bytearray(100)), incoming=bytes.fromhex(sys.argv[2]))
+            except A.TLSError as exc:
+                kept = exc   # frame -> exc -> traceback -> frame: cyclic garbage
+        for _ in range(50):
+            fail_once()
+            gc.collect()
+        print("collected")
+        """, pki.ec_file, _NOT_TLS.hex())
+    assert_clean_exit(proc)
+    assert "collected" in proc.stdout
+    assert "tp_clear" not in proc.stderr, proc.stderr

@@ -44,7 +44,12 @@ The rules of async mode (docs/architecture.md) are enforced here:
 Every buffer handed to C is sized by its bytes (``ffi.from_buffer``'s
 length, ``memoryview.nbytes``), never by ``len()``: a ``bytes`` subclass, an
 ``array('I')`` or a multi-byte memoryview answer ``len()`` with something
-else, and OpenSSL would encrypt memory past the buffer or drop data.
+else, and OpenSSL would encrypt memory past the buffer or drop data.  And
+no export (``ffi.from_buffer``'s cdata) outlives its C call: a frame that
+raises while holding one puts it, with the exported memoryview, into the
+exception's traceback, and when that becomes cyclic garbage CPython before
+3.12.7 clears the memoryview with the export still held and crashes
+(python/cpython#77894; a stream that records its failure makes that cycle).
 """
 
 from __future__ import annotations
@@ -408,7 +413,9 @@ class TLSConnection:
             raise ValueError("attach_socket() must come before the first operation")
         cbuf = ffi.from_buffer(prefix)   # its len() is the size in bytes
         lib.ERR_clear_error()
-        if not lib.asx_conn_use_socket(c, fd, cbuf, len(cbuf)):
+        ok = lib.asx_conn_use_socket(c, fd, cbuf, len(cbuf))   # (it copies the prefix)
+        del cbuf   # no buffer export may outlive the call (see "Every buffer" above)
+        if not ok:
             raise error_from_queue("could not attach the socket")
         self._native_socket = True
 
@@ -447,6 +454,7 @@ class TLSConnection:
         else:
             cbuf = ffi.from_buffer(incoming)   # its len() is the size in bytes
             _asx_step(c, op, cbuf, len(cbuf), arg, out, OUT_BUFFER_SIZE, r)
+            del cbuf   # before anything can raise: no export outlives the call
         if r.out_len:
             self._outgoing.append(ffi.buffer(out, r.out_len)[:])
             if r.out_pending:
@@ -574,6 +582,7 @@ class TLSConnection:
                 st = self._step(_OP_WRITE, incoming, 0)
             finally:
                 c.write_buf = _NULL
+                del cbuf   # an exception's traceback must not keep the export
             return st, (int(self._handle.result.result) if st is Status.DONE else 0)
         if c.pending_op == lib.ASX_OP_WRITE:
             n = c.write_len
