@@ -82,11 +82,17 @@ async def _connect(
                       server_hostname=server_hostname,
                       ssl_handshake_timeout=ssl_handshake_timeout,
                       ssl_shutdown_timeout=ssl_shutdown_timeout)
-    raw, _ = await make_raw(lambda: tls)
     try:
-        await waiter
+        raw, _ = await make_raw(lambda: tls)
+        try:
+            await waiter
+        except BaseException:
+            raw.abort()  # type: ignore[attr-defined]
+            raise
     except BaseException:
-        raw.abort()  # type: ignore[attr-defined]
+        # cancelled while connecting: the handshake may still have started and
+        # would fail into a waiter nobody awaits ("exception never retrieved")
+        waiter.cancel()
         raise
     return tls.app_transport, app_protocol
 
