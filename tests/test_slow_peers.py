@@ -764,6 +764,19 @@ async def test_a_slow_reader_makes_send_block_instead_of_buffering(
     assert ours.heap_growth <= bound + 8 * MIB, ours
 
 
+@pytest.mark.parametrize(("kind", "anyio_backend"), KINDS, ids=KIND_IDS)
+async def test_one_huge_send_to_a_reader_that_reads_nothing_is_not_encrypted_ahead(
+        pki: Pki, offload: A.Offload, kind: str) -> None:
+    """The stdlib's TLS encrypts a whole send() into its memory BIO; ours one step at a time."""
+    payload = b"h" * (32 * MIB)
+    ours = await stall_a_sender(kind, "ours", pki, offload, 0, payload)
+    stdlib = await stall_a_sender(kind, "stdlib", pki, offload, 0, payload)
+    if kind != "asyncio":   # asyncio's write() never blocks: the transport keeps the data
+        assert ours.plaintext == 0, "the send completed although nobody read"
+    assert stdlib.heap_growth >= 16 * MIB, stdlib   # it did buffer: the measure sees it
+    assert ours.heap_growth <= 8 * MIB, (ours, stdlib)
+
+
 async def flood_a_server_that_does_not_read(kind: str, impl: str, pki: Pki,
                                             offload: A.Offload) -> Stalled:
     """The client sends as fast as it can; the server's application never reads."""

@@ -465,8 +465,18 @@ class TLSProtocol(asyncio.Protocol):
             self._fatal(exc)
 
     def _take_chunk(self) -> bytes | bytearray | memoryview:
+        """At most MAX_WRITE_CHUNK bytes from the front of the backlog.
+
+        A larger write is taken a slice at a time: the writer waits for the
+        raw transport between chunks, and one write() of many megabytes
+        would otherwise be encrypted into the raw transport's buffer whole.
+        """
         first = self._backlog.popleft()
-        if not self._backlog or _nbytes(first) >= MAX_WRITE_CHUNK:
+        if _nbytes(first) > MAX_WRITE_CHUNK:
+            view = memoryview(first).cast("B")
+            self._backlog.appendleft(view[MAX_WRITE_CHUNK:])
+            return view[:MAX_WRITE_CHUNK]
+        if not self._backlog or _nbytes(first) == MAX_WRITE_CHUNK:
             return first
         parts = [first]
         size = _nbytes(first)
