@@ -176,6 +176,28 @@ def test_rule1_other_operations_are_refused_while_the_handshake_is_paused(
     assert s.handshake_done and s.pending_operation is None
 
 
+@pytest.mark.parametrize("paused", ["shutdown", "write"])
+def test_rule1_key_update_is_refused_while_a_job_is_paused(
+        pki: Pki, offload: A.Offload, engine: TestEngine, paused: str) -> None:
+    """SSL_key_update() puts the connection back in init under the paused job:
+    a resumed SSL_shutdown() then refuses with SHUTDOWN_WHILE_IN_INIT instead
+    of resuming its job, which stayed paused for ever (and its connection
+    parked for ever).  Found by fuzz/fuzz_connection.py."""
+    engine.set(latency_ms=20)
+    _, s = _record_pause_pair(pki, offload, engine)
+    call: Callable[[], Status]
+    if paused == "shutdown":
+        call = s.shutdown
+    else:
+        call = lambda: s.write(b"data")[0]  # noqa: E731
+    assert call() is Status.WANT_ASYNC
+    with pytest.raises(A.OperationInProgressError, match="key update"):
+        s.key_update()
+    assert _retry(call)[-1] is Status.DONE
+    s.key_update()  # once the job is done, the update is taken
+    assert _retry(s.do_handshake)[-1] is Status.DONE
+
+
 # -- rule 2: the job keeps the first call's buffer --------------------------------
 def test_rule2_paused_write_is_pinned_to_its_first_data(pki: Pki, offload: A.Offload,
                                                          engine: TestEngine) -> None:

@@ -613,9 +613,16 @@ class TLSConnection:
         Our sending keys change once the message is sent (with the next
         :meth:`write`, or now with ``do_handshake()``); with
         ``request_peer_update`` the peer must update its keys in turn.
-        Raises :class:`TLSError` before the handshake has finished or on TLS 1.2.
+        Raises :class:`TLSError` before the handshake has finished or on TLS 1.2,
+        and :class:`OperationInProgressError` while an operation's job is paused
+        (libssl would put the connection back in init under the job: a paused
+        shutdown could then never be resumed, nor its connection freed).
         """
         c = self._owned()
+        if c.pending_op:
+            raise OperationInProgressError(
+                f"key update refused: the {Operation(c.pending_op).name.lower()}'s async job "
+                "is paused; retry that operation first")
         lib.ERR_clear_error()
         kind = (lib.SSL_KEY_UPDATE_REQUESTED if request_peer_update
                 else lib.SSL_KEY_UPDATE_NOT_REQUESTED)
