@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Coverage-guided fuzz target for the sans-IO core (:class:`TLSConnection`).
 
 Theory of operation
