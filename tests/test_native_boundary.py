@@ -37,7 +37,7 @@ def _tool(name: str) -> ModuleType:
 
 build = _tool("build")
 stubgen = _tool("stubgen")
-PYTHON_TREES = ("src/anyio_asyncssl", "tests", "benchmarks", "examples")
+PYTHON_TREES = ("src/anyio_asyncssl", "tests", "benchmarks", "examples", "fuzz")
 LIB_NAME = re.compile(r"\blib\.([A-Za-z_]\w*)")
 
 
