@@ -12,6 +12,7 @@ TCP (native) and memory streams (memory BIOs) too.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 from anyio.abc import SocketAttribute, UNIXSocketStream
 from conftest import Pki
 
+import anyio_asyncssl as A
 from anyio_asyncssl.stream import AsyncTLSStream
 
 pytestmark = pytest.mark.anyio
@@ -209,6 +211,35 @@ async def test_unwrap_hands_back_what_followed_close_notify(pki: Pki) -> None:
                 rest += await raw.receive()
             assert rest == b"PLAIN AGAIN"
             await raw.aclose()
+            await st.aclose()
+
+
+async def test_a_transport_kept_after_unwrap_does_not_keep_the_tls_connection(
+        pki: Pki) -> None:
+    """The SSL object goes with the TLS stream, not with the transport it was over.
+
+    On asyncio our hook on the transport's protocol (it closes our dup of the
+    fd) kept the connection through the socket's close callback: a server
+    that kept a transport (anyio's listener keeps the last one it accepted),
+    or a STARTTLS downgrade that goes on in plaintext, kept an SSL object
+    alive per transport (the soak's counters never came back).
+    """
+    with anyio.fail_after(TIMEOUT):
+        ct, st, multi = await _tcp_pair()
+        async with multi:
+            gc.collect()
+            baseline = A.connection_counters()["live"]
+            client, server = await _wrap_both(ct, st, pki)
+            assert client._driver.sock is not None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.unwrap)
+                await client.unwrap()
+            del client, server
+            gc.collect()
+            assert A.connection_counters()["live"] == baseline
+            await ct.send(b"plain")         # the transports are still the caller's
+            assert await st.receive() == b"plain"
+            await ct.aclose()
             await st.aclose()
 
 

@@ -125,8 +125,11 @@ class SocketIO:
         fd, self.fd = self.fd, -1
         if fd < 0:
             return
-        if self.on_close is not None:
-            self.on_close()
+        # dropped, not only called: on asyncio the transport's protocol keeps
+        # us (its connection_lost hook), and through this the connection
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
         if self._owned:
             try:
                 anyio.notify_closing(fd)
