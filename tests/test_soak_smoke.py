@@ -39,7 +39,7 @@ def _series(n: int, per_handshake: float, noise: float, seed: int = 0) -> list[d
 
 def test_the_slope_check_flags_a_leak_of_one_small_object_per_handshake() -> None:
     soak = _soak()
-    bound = 32 * 1024    # the default: 32 KiB per 1000 handshakes
+    bound = 32 * 1024    # the heap's default: 32 KiB per 1000 handshakes
     # 64 bytes per handshake among noise of +-512 KiB (what healthy runs show)
     leaking = soak.slope_check(_series(50_000, 64, 512 * 1024), "rss", 10_000, bound)
     assert not leaking["ok"]
