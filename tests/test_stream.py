@@ -1388,6 +1388,71 @@ async def test_send_eof_twice_is_harmless(pki: Pki) -> None:
                 await server.receive()
 
 
+@pytest.mark.parametrize("transport", ["tcp", "tcp-membio", "memory"])
+@pytest.mark.parametrize("version", [V12, V13], ids=["tls12", "tls13"])
+async def test_aclose_ends_when_a_concurrent_receive_takes_the_peers_close_notify(
+        pki: Pki, transport: str, version: ssl.TLSVersion) -> None:
+    """Each side closes while its own receive waits.  When the receive takes the
+    peer's close_notify, the close, waiting behind it to read, must see it and
+    not wait on the transport for bytes that already came (on the memory-BIO
+    path it did, on both sides, and neither ever closed).  When the close takes
+    it, the receive finds its stream closed under it."""
+    ends: list[str] = []
+
+    async def receive_until_the_end(name: str, stream: AsyncTLSStream) -> None:
+        with pytest.raises((EndOfStream, ClosedResourceError, BrokenResourceError)):
+            await stream.receive()
+        ends.append(f"{name} receive ended")
+
+    async def close(name: str, stream: AsyncTLSStream, send_eof_first: bool) -> None:
+        if send_eof_first:
+            await stream.send_eof()
+        await stream.aclose()
+        ends.append(f"{name} closed")
+
+    with anyio.fail_after(TIMEOUT):
+        async with connected(pki, transport, version=version) as (client, server):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receive_until_the_end, "client", client)
+                tg.start_soon(receive_until_the_end, "server", server)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(close, "client", client, False)
+                tg.start_soon(close, "server", server, True)
+    assert sorted(ends) == ["client closed", "client receive ended",
+                            "server closed", "server receive ended"]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tcp-membio", "memory"])
+async def test_a_receive_and_a_close_waiting_to_read_take_turns_at_receiving(
+        pki: Pki, transport: str) -> None:
+    """The server's receive gets data while its close waits to read; then both
+    want to read again.  Each waits for the other's receive and retries its
+    step, and one of them must then receive (deferring to the other whenever
+    it had waited for it, each deferred for ever and nobody received)."""
+    received: list[bytes] = []
+
+    async def server_receives(server: AsyncTLSStream) -> None:
+        with pytest.raises((EndOfStream, ClosedResourceError, BrokenResourceError)):
+            while True:
+                received.append(await server.receive())
+
+    async def client_sends_then_reads_to_the_end(client: AsyncTLSStream) -> None:
+        await client.send(b"request")
+        with pytest.raises(EndOfStream):
+            await client.receive()
+        await client.aclose()
+
+    with anyio.fail_after(TIMEOUT):
+        async with connected(pki, transport) as (client, server):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server_receives, server)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(server.aclose)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(client_sends_then_reads_to_the_end, client)
+    assert b"".join(received) in (b"", b"request")
+
+
 async def test_send_eof_tls12_sends_close_notify_and_keeps_receiving(pki: Pki) -> None:
     with anyio.fail_after(TIMEOUT):
         async with connected(pki, version=V12) as (client, server):

@@ -170,6 +170,7 @@ class Driver:
         self._dispatcher: LoopDispatcher | None = None
         self._fds: set[int] = set()
         self.transport_eof = False
+        self._receives = 0   # transport receives so far (see _receive_some)
         self.pauses = 0
         #: waits on the transport, the fd or the engine so far: an operation
         #: that did none never yielded to other tasks (the faces then do)
@@ -248,6 +249,7 @@ class Driver:
                 sock.close()
                 raise anyio.ClosedResourceError("the transport's socket was closed")
             before = int(c.wakeups)
+            seen = self._receives
             try:
                 status = step(incoming)
                 incoming = b""
@@ -274,7 +276,7 @@ class Driver:
                     # waiting for it (without waiting for the lock: see
                     # _queue_output)
                     await self._flush()
-                incoming = await self._receive_some()
+                incoming = await self._receive_some(seen)
             elif status is Status.WANT_WRITE and sock is not None:
                 self.io_events += 1
                 await sock.writable()
@@ -395,13 +397,27 @@ class Driver:
                     self.mark_broken(exc)
                     raise
 
-    async def _receive_some(self) -> bytes:
+    async def _receive_some(self, seen: int) -> bytes:
+        """Ciphertext from the transport for the next step (b"": nothing new to feed).
+
+        ``seen``: :attr:`_receives` when the step that wants to read ran.  If
+        another task received since (a read while a close waits for the
+        peer's close_notify: it waited for the lock), the step is retried
+        without receiving: that task's step has fed what it received to the
+        connection, and it may be what this step waits for (the peer's
+        close_notify); waiting on the transport for it would be for ever.
+        The native path does the same in ``SocketIO``.
+        """
         self.io_events += 1
         async with self._recv_lock:
             if self.transport_eof:
                 self.conn.receive_eof()
                 return b""
+            if self._receives != seen:
+                return b""
             data = await self._receive()
+            # (the receiver's step feeds it before any other task runs)
+            self._receives += 1
             if not data:
                 self.transport_eof = True
                 self.conn.receive_eof()
