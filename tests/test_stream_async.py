@@ -722,6 +722,43 @@ async def _aclose_during(server: AsyncTLSStream, client: AsyncTLSStream, operati
     return results["server"], results["client"]
 
 
+async def test_an_aclose_cancelled_natively_while_another_tasks_job_is_paused_closes_the_transport(
+        pki: Pki, offload: A.Offload, engine: TestEngine, anyio_backend: str) -> None:
+    """asyncio.timeout cancels natively, through the shield of aclose()'s wait for
+    the other task's paused job: the stream is closed all the same, and so must its
+    transport be (it stayed open: the peer waited for ever, and a second aclose
+    returned at once, the stream being closed)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("only asyncio cancels natively, through anyio's shields")
+    import asyncio
+
+    baseline = A.connection_counters()
+    engine.set(latency_ms=40)
+    server, client = await _tls_pair(_pausing_server_ctx(pki, offload, engine),
+                                     pki.client_ctx())
+
+    async def receive_ping(stream: AsyncTLSStream) -> None:
+        try:
+            assert await stream.receive() == b"ping"   # its job finished in the shield
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+    await client.send(b"ping")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive_ping, server)
+            await _wait_until(
+                lambda s=server: s.ssl_object.pending_operation is A.Operation.READ)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.005):
+                    await server.aclose()
+            with pytest.raises(anyio.BrokenResourceError):   # an EOF without close_notify
+                await client.receive()
+    await client.aclose()
+    del server, client
+    await _settle(offload, baseline)
+
+
 # -- the job pool: 200 handshakes, at most 8 jobs -------------------------------------------
 class _LoopThread(threading.Thread):
     """A fresh OS thread running its own event loop (its own job pool and notifier)."""

@@ -221,13 +221,14 @@ class AsyncTLSStream(ByteStream):
         if d.closed:
             return
         try:
+            # (asyncio's native cancel passes drain_pause's shield: the
+            # transport is closed on that way out too)
             await d.drain_pause()
             if self.standard_compatible and d.broken is None:
-                try:
-                    await self.unwrap()
-                except BaseException:
-                    await aclose_forcefully(self.transport_stream)
-                    raise
+                await self.unwrap()
+        except BaseException:
+            await aclose_forcefully(self.transport_stream)
+            raise
         finally:
             # the SSL object is freed with the stream (attributes stay readable)
             d.closed = True
