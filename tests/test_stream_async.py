@@ -910,6 +910,40 @@ async def test_engine_error_in_a_write_breaks_the_stream(pki: Pki, offload: A.Of
     await _settle(offload, baseline)
 
 
+async def test_engine_error_in_a_write_after_the_peers_close_notify_raises(
+        pki: Pki, offload: A.Offload, engine: TestEngine) -> None:
+    """With the peer's close_notify in, SSL_get_error calls a write that failed
+    with nothing queued ZERO_RETURN; taken for "closed, nothing written", the
+    write was retried at once, for ever, without yielding (no deadline could
+    end it).  The write fails, the stream is broken."""
+    baseline = A.connection_counters()
+    server, client = await _tls_pair(_pausing_server_ctx(pki, offload, engine),
+                                     pki.client_ctx())
+    await client.send_eof()
+    with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
+        await server.receive()
+    steps = 0
+
+    def counted_write(*args: Any, _write: Any = server.ssl_object.write) -> Any:
+        nonlocal steps
+        steps += 1
+        assert steps < 1000, "the write is retried for ever"
+        return _write(*args)
+
+    server.ssl_object.write = counted_write  # type: ignore[method-assign]
+    engine.set(err=1)
+    with pytest.raises(A.AsyncEngineError):
+        await server.send(b"doomed")
+    with pytest.raises(anyio.BrokenResourceError):
+        await server.send(b"again")
+    del server.ssl_object.write, counted_write   # (its default holds the connection)
+    with anyio.fail_after(10):
+        await server.aclose()
+        await anyio.aclose_forcefully(client)
+    del server, client
+    await _settle(offload, baseline)
+
+
 async def test_late_wakeups_are_waited_for_without_spinning(pki: Pki, offload: A.Offload,
                                                             engine: TestEngine) -> None:
     baseline = A.connection_counters()

@@ -583,7 +583,7 @@ class TLSConnection:
             finally:
                 c.write_buf = _NULL
                 del cbuf   # an exception's traceback must not keep the export
-            return st, (int(self._handle.result.result) if st is Status.DONE else 0)
+            return self._written(st)
         if c.pending_op == lib.ASX_OP_WRITE:
             n = c.write_len
             if bytes(view[:n]) != ffi.buffer(c.write_buf, n)[:]:
@@ -597,7 +597,18 @@ class TLSConnection:
                 return Status.DONE, 0
             ffi.memmove(c.write_buf, view[:n], n)
             c.write_len = n
-        st = self._step(lib.ASX_OP_WRITE, incoming, 0)
+        return self._written(self._step(lib.ASX_OP_WRITE, incoming, 0))
+
+    def _written(self, st: Status) -> tuple[Status, int]:
+        """A write step's answer: ``(status, bytes consumed)``.
+
+        A write never answers CLOSED: SSL_get_error() says ZERO_RETURN for a
+        failed SSL_write that queued no error once the peer's close_notify
+        has come (an engine failing the record's cipher), and taken for
+        "nothing written yet" the write was retried for ever.
+        """
+        if st is Status.CLOSED:
+            self._raise_error(_OP_WRITE, lib.ASX_ERROR)
         return st, (int(self._handle.result.result) if st is Status.DONE else 0)
 
     def shutdown(self, incoming: Any = _NO_INPUT) -> Status:
