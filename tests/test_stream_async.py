@@ -416,6 +416,49 @@ async def test_a_cancelled_sends_data_goes_out_while_the_stream_only_receives(
     await _settle(offload, baseline)
 
 
+async def test_a_natively_cancelled_sends_data_goes_out_while_a_receive_already_waits(
+        pki: Pki, offload: A.Offload, engine: TestEngine, anyio_backend: str) -> None:
+    """Memory BIOs: asyncio.timeout cancels a send natively inside its pause; the job
+    finishes in the shield, then the cancel is raised, before its ciphertext went
+    out.  The stream's receive was already waiting for the peer (it flushes only
+    before it starts to wait) and a second send_eof found close_notify sent: the
+    ciphertext stayed queued and both peers waited for ever."""
+    if anyio_backend != "asyncio":
+        pytest.skip("only asyncio cancels natively, through anyio's shields")
+    import asyncio
+
+    baseline = A.connection_counters()
+    engine.set(latency_ms=8)
+    server_transport, client_transport = await _transports()
+    server_ctx = _pausing_server_ctx(pki, offload, engine)
+    streams: dict[str, AsyncTLSStream] = {}
+
+    async def serve() -> None:
+        streams["server"] = await AsyncTLSStream.wrap(
+            server_transport, context=server_ctx, server_side=True, native_socket=False)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve)
+        client = await AsyncTLSStream.wrap(client_transport, context=pki.client_ctx(),
+                                           hostname="localhost")
+    server = streams.pop("server")
+    answers: list[bytes] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_receive_into, server, answers)   # waiting before the send
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.001):   # far inside the 8 ms pause
+                    await server.send(b"request")
+            with anyio.fail_after(3):
+                assert await client.receive() == b"request"
+            await client.send(b"response")
+        assert answers == [b"response"]
+        await _close_all(server, client)
+    del server, client
+    await _settle(offload, baseline)
+
+
 async def test_cancelled_handshakes_leave_nothing_behind(pki: Pki, offload: A.Offload,
                                                          engine: TestEngine) -> None:
     baseline = A.connection_counters()

@@ -48,7 +48,8 @@ read BIO before any wait; ciphertext not yet sent stays queued and goes out
 with the next flush (at the latest before the next wait for the peer); a
 send interrupted half way (between chunks, or inside the transport's send)
 breaks the stream.  asyncio's native ``Task.cancel()`` passes through anyio's
-shields: it is held back until the job has finished, then raised.
+shields: it is held back until the job has finished and what the job wrote
+has been sent, then raised.
 """
 
 from __future__ import annotations
@@ -328,6 +329,12 @@ class Driver:
                 self._release_fds()
             pause_end.set()
         if deferred is not None:
+            # what the finished job wrote goes out before the cancel is
+            # raised: a receive of this stream may be waiting for the peer
+            # already (it flushes only before it waits), and the peer for it
+            if self._queue_output():
+                with anyio.CancelScope(shield=True):
+                    await self._flush()
             raise deferred
         return status
 
