@@ -532,6 +532,10 @@ class Driver:
             raise
         return got[0] if got else b""
 
+    def unread(self, data: bytes) -> None:
+        """Give back what :meth:`read` returned: the next read returns it first."""
+        self._stash.insert(0, data)
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send all of ``data``.
 

@@ -171,7 +171,14 @@ class AsyncTLSStream(ByteStream):
             if mark == d.io_events:
                 # it never waited (the native path, data already there): let
                 # other tasks run, as every anyio stream operation does
-                await anyio.lowlevel.cancel_shielded_checkpoint()
+                try:
+                    await anyio.lowlevel.cancel_shielded_checkpoint()
+                except BaseException:
+                    # asyncio's native cancel passes the shield: the operation
+                    # is done, and what a read returned is the next read's
+                    if fn == d.read and result:
+                        d.unread(result)
+                    raise
             return result
         except StreamClosed as exc:
             raise ClosedResourceError(str(exc)) from None
