@@ -416,6 +416,7 @@ async def test_a_cancelled_sends_data_goes_out_while_the_stream_only_receives(
     await _settle(offload, baseline)
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # only asyncio cancels natively
 async def test_a_natively_cancelled_sends_data_goes_out_while_a_receive_already_waits(
         pki: Pki, offload: A.Offload, engine: TestEngine, anyio_backend: str) -> None:
     """Memory BIOs: asyncio.timeout cancels a send natively inside its pause; the job
@@ -423,8 +424,6 @@ async def test_a_natively_cancelled_sends_data_goes_out_while_a_receive_already_
     out.  The stream's receive was already waiting for the peer (it flushes only
     before it starts to wait) and a second send_eof found close_notify sent: the
     ciphertext stayed queued and both peers waited for ever."""
-    if anyio_backend != "asyncio":
-        pytest.skip("only asyncio cancels natively, through anyio's shields")
     import asyncio
 
     baseline = A.connection_counters()
@@ -460,13 +459,12 @@ async def test_a_natively_cancelled_sends_data_goes_out_while_a_receive_already_
 
 
 @pytest.mark.parametrize("native_socket", [True, False], ids=["native", "membio"])
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # only asyncio cancels natively
 async def test_a_receive_cancelled_natively_after_it_completed_keeps_its_data(
         pki: Pki, anyio_backend: str, native_socket: bool) -> None:
     """A receive served from what had already arrived never waits; the face then
     checkpoints (shielded), and asyncio's native cancel passes the shield: the
     data the read returned was lost.  It goes back for the next receive."""
-    if anyio_backend != "asyncio":
-        pytest.skip("only asyncio cancels natively, through anyio's shields")
     import asyncio
 
     server_transport, client_transport = await _transports()
@@ -800,14 +798,13 @@ async def _aclose_during(server: AsyncTLSStream, client: AsyncTLSStream, operati
     return results["server"], results["client"]
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # only asyncio cancels natively
 async def test_an_aclose_cancelled_natively_while_another_tasks_job_is_paused_closes_the_transport(
         pki: Pki, offload: A.Offload, engine: TestEngine, anyio_backend: str) -> None:
     """asyncio.timeout cancels natively, through the shield of aclose()'s wait for
     the other task's paused job: the stream is closed all the same, and so must its
     transport be (it stayed open: the peer waited for ever, and a second aclose
     returned at once, the stream being closed)."""
-    if anyio_backend != "asyncio":
-        pytest.skip("only asyncio cancels natively, through anyio's shields")
     import asyncio
 
     baseline = A.connection_counters()
