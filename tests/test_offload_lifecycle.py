@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 import subprocess
 import sys
@@ -175,3 +176,43 @@ def test_the_sans_io_core_imports_no_event_loop_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_an_offload_dropped_on_another_thread_leaves_the_process_exit_clean(pki: Pki) -> None:
+    """A library context freed on one thread after another thread's handshake used it.
+
+    OpenSSL keeps each thread's DRBGs of a library context and cleans up only
+    the freeing thread's; the main thread's cleanup at exit (OPENSSL_cleanup)
+    then read the freed context's lock: the full suite died with SIGSEGV after
+    its summary, 2 runs in 4, and this child spun at exit for ever.  Contexts
+    are retired, not freed (provider_core.c).
+    """
+    code = textwrap.dedent("""
+        import gc, ssl, sys, threading
+        import anyio_asyncssl as A
+        from anyio_asyncssl.testing import pump
+        for _ in range(3):
+            off = A.Offload(workers=1)
+            sctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER, offload=off)
+            sctx.load_cert_chain(sys.argv[1])
+            cctx = A.create_default_context(cafile=sys.argv[2], offload=off)
+            pump(A.TLSConnection(cctx, server_hostname="localhost"),
+                 A.TLSConnection(sctx, server_side=True))   # this thread's DRBGs
+            box = [sctx, cctx, off]
+            del sctx, cctx, off
+            def drop():   # the last reference goes on another thread
+                box[2].close()
+                box.clear()
+                gc.collect()
+            t = threading.Thread(target=drop)
+            t.start()
+            t.join()
+        print("done")
+        """)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(pki.ec_file), str(pki.ca_file)],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "MALLOC_PERTURB_": "165"})
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the process never exited (it spun in OPENSSL_cleanup)") from None
+    assert (proc.returncode, proc.stdout.strip()) == (0, "done"), proc.stderr[-3000:]

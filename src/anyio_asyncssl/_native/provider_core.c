@@ -159,6 +159,35 @@ int asx_registry_load(OSSL_LIB_CTX *libctx, const char *name)
     return 1;
 }
 
+/*
+ * A library context is retired, never freed.  OpenSSL keeps per-thread state
+ * of a library context (its public and private DRBGs) in every thread that
+ * drew random bytes from it, and registers that thread's cleanup with the
+ * context as argument but not as key: OSSL_LIB_CTX_free() cleans up only the
+ * calling thread's.  Freed on one thread after another thread's handshake
+ * used it, the other thread's exit (the main thread's: OPENSSL_cleanup() at
+ * process exit) read the freed context's lock: a crash or a spin at exit
+ * (tests/test_offload_lifecycle.py, OpenSSL 3.0).  What we loaded into it is
+ * unloaded and its pool released first (entry_free), so a retired context is
+ * the bare context, kept reachable here until the process ends.
+ */
+typedef struct retired { OSSL_LIB_CTX *libctx; struct retired *next; } retired;
+static retired *g_retired;
+static pthread_mutex_t g_retired_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void libctx_retire(OSSL_LIB_CTX *libctx)
+{
+    retired *r = malloc(sizeof(*r));
+
+    if (r == NULL)
+        return;                /* kept all the same, only unreachable */
+    r->libctx = libctx;
+    pthread_mutex_lock(&g_retired_mu);
+    r->next = g_retired;
+    g_retired = r;
+    pthread_mutex_unlock(&g_retired_mu);
+}
+
 static void entry_free(reg_entry *e, int free_libctx)
 {
     int j;
@@ -169,7 +198,7 @@ static void entry_free(reg_entry *e, int free_libctx)
     if (e->pool != NULL)
         asx_pool_unref(e->pool);
     if (free_libctx)
-        OSSL_LIB_CTX_free(e->libctx);
+        libctx_retire(e->libctx);
     free(e);
 }
 
@@ -262,7 +291,7 @@ void asx_libctx_release(OSSL_LIB_CTX *libctx)
     }
     pthread_mutex_unlock(&g_reg_mu);
     if (e == NULL)
-        OSSL_LIB_CTX_free(libctx);   /* nothing loaded, nothing tracked */
+        libctx_retire(libctx);   /* nothing loaded, nothing tracked */
     else if (now)
         entry_free(e, 1);
     asx_libctx_reap();
