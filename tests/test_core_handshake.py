@@ -14,6 +14,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import Pki
@@ -323,3 +324,30 @@ def test_peer_chains_verified_and_as_sent(pki: Pki) -> None:
     fresh = A.TLSConnection(pki.client_ctx(), server_hostname="localhost")
     with pytest.raises(ValueError):
         fresh.get_verified_chain()
+
+
+def test_generated_certificates_for_one_host_can_be_trusted_together(tmp_path: Path) -> None:
+    """Each generated certificate has a subject and a serial of its own.
+
+    A store trusting two self-signed certificates that share a subject finds only
+    one of them by name in OpenSSL 4.0 (``openssl verify`` too): the other's peer
+    failed "self-signed certificate".  The soak's two servers (RSA and EC, both
+    ``localhost``) hit that on OpenSSL 4.0 before the subjects carried the serial.
+    """
+    made = [A.generate_self_signed("localhost", key_type=kind)
+            for kind in ("rsa", "ec", "ec")]
+    certs = [x509.load_pem_x509_certificate(cert) for cert, _ in made]
+    assert len({c.subject for c in certs}) == 3
+    assert len({c.serial_number for c in certs}) == 3
+    for c in certs:
+        assert c.issuer == c.subject
+        assert 0 < c.serial_number < 2 ** 159 and c.serial_number.bit_length() == 159
+    trust = b"".join(cert for cert, _ in made).decode("ascii")
+    for i, (cert, key) in enumerate(made):
+        (tmp_path / f"{i}.pem").write_bytes(key + cert)
+        server_ctx = A.TLSContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(tmp_path / f"{i}.pem")
+        client = A.TLSConnection(A.create_default_context(cadata=trust),
+                                 server_hostname="localhost")
+        pump(client, A.TLSConnection(server_ctx, server_side=True))
+        assert client.getpeercert(True) == ssl.PEM_cert_to_DER_cert(cert.decode("ascii"))

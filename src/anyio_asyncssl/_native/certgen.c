@@ -1,14 +1,21 @@
 /*
  * certgen.c -- a self-signed certificate for `asyncssl serve`, made with
  * non-deprecated OpenSSL 3.0 API, so the runtime needs no other package.
+ *
+ * Each certificate is its own issuer, so each gets a name and a serial of its
+ * own: a random 159-bit serial (as `openssl req -x509` draws), and an OU that
+ * carries the serial's first 64 bits.  Two certificates for one hostname must
+ * not share a subject: a store that trusts both finds only one of them by
+ * name in OpenSSL 4.0 (the other's peer fails "self-signed certificate"), and
+ * an issuer/serial pair seen twice is refused by browsers.
  */
+#include <openssl/bn.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 #include <openssl/rsa.h>
 #include <string.h>
-#include <time.h>
 
 #include "asyncssl.h"
 
@@ -45,6 +52,9 @@ int asx_self_signed(const char *common_name, const char *san, const char *key_ty
     X509V3_CTX v3;
     BIO *cb = NULL, *kb = NULL;
     X509_NAME *name = NULL;
+    BIGNUM *serial = NULL;
+    char *serial_hex = NULL;
+    char unit[12 + 16 + 1];
     int ok = 0;
 
     *cert_pem = *key_pem = NULL;
@@ -54,8 +64,15 @@ int asx_self_signed(const char *common_name, const char *san, const char *key_ty
         pkey = EVP_PKEY_Q_keygen(NULL, NULL, "RSA", (size_t)bits);
     if (pkey == NULL || (x = X509_new()) == NULL)
         goto end;
+    if ((serial = BN_new()) == NULL
+        || !BN_rand(serial, 159, BN_RAND_TOP_ONE, BN_RAND_BOTTOM_ANY)
+        || (serial_hex = BN_bn2hex(serial)) == NULL
+        || BN_to_ASN1_INTEGER(serial, X509_get_serialNumber(x)) == NULL)
+        goto end;
+    memcpy(unit, "self-signed ", 12);
+    memcpy(unit + 12, serial_hex, 16);      /* 159 bits, top one set: 40 hex digits */
+    unit[12 + 16] = '\0';
     if (!X509_set_version(x, 2)
-        || !ASN1_INTEGER_set_int64(X509_get_serialNumber(x), (int64_t)time(NULL))
         || X509_gmtime_adj(X509_getm_notBefore(x), -3600) == NULL
         || X509_gmtime_adj(X509_getm_notAfter(x), (long)days * 86400) == NULL
         || !X509_set_pubkey(x, pkey))
@@ -67,6 +84,8 @@ int asx_self_signed(const char *common_name, const char *san, const char *key_ty
                                        (const unsigned char *)common_name, -1, -1, 0)
         || !X509_NAME_add_entry_by_txt(name, "O", MBSTRING_UTF8,
                                        (const unsigned char *)"anyio-asyncssl", -1, -1, 0)
+        || !X509_NAME_add_entry_by_txt(name, "OU", MBSTRING_UTF8,
+                                       (const unsigned char *)unit, -1, -1, 0)
         || !X509_set_subject_name(x, name)
         || !X509_set_issuer_name(x, name))
         goto end;
@@ -97,6 +116,8 @@ int asx_self_signed(const char *common_name, const char *san, const char *key_ty
         *cert_pem = *key_pem = NULL;
     }
 end:
+    OPENSSL_free(serial_hex);
+    BN_free(serial);
     X509_NAME_free(name);
     X509_EXTENSION_free(ext);
     BIO_free(cb);
