@@ -472,8 +472,11 @@ def _same_ident_thread(ident: int, fn: Callable[[], Any]) -> tuple[Any, BaseExce
 
     The ASan and TSan runtimes keep exited threads' stacks for a while, so
     under them the id may not come back: then ``fn`` runs on another thread.
+    ``join()`` returns when the Python thread is done, before its OS thread
+    has exited and given its stack back to glibc's cache; on a loaded machine
+    that takes a while, so up to 500 tries rather than 50.
     """
-    for _ in range(50):
+    for _ in range(500):
         result, exc, got = on_thread(lambda: fn() if threading.get_ident() == ident else "skip")
         if got == ident:
             return result, exc
