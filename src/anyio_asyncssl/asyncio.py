@@ -82,6 +82,9 @@ async def _connect(
                       server_hostname=server_hostname,
                       ssl_handshake_timeout=ssl_handshake_timeout,
                       ssl_shutdown_timeout=ssl_shutdown_timeout)
+    # ours to return: the protocol lets go of it once the connection is lost
+    transport = tls.app_transport
+    assert transport is not None
     try:
         raw, _ = await make_raw(lambda: tls)
         try:
@@ -94,7 +97,7 @@ async def _connect(
         # would fail into a waiter nobody awaits ("exception never retrieved")
         waiter.cancel()
         raise
-    return tls.app_transport, app_protocol
+    return transport, app_protocol
 
 
 async def create_connection(
@@ -236,6 +239,8 @@ async def start_tls(
                       call_connection_made=False,
                       ssl_handshake_timeout=ssl_handshake_timeout,
                       ssl_shutdown_timeout=ssl_shutdown_timeout)
+    tls_transport = tls.app_transport     # the protocol lets go of it once lost
+    assert tls_transport is not None
     transport.pause_reading()  # type: ignore[attr-defined]
     transport.set_protocol(tls)
     made = loop.call_soon(tls.connection_made, transport)
@@ -247,7 +252,7 @@ async def start_tls(
         made.cancel()
         resumed.cancel()
         raise
-    return tls.app_transport
+    return tls_transport
 
 
 async def open_connection(

@@ -45,6 +45,14 @@ with the error that ended the connection or ``None``.  Beyond asyncio:
 half-close; ``can_write_eof()`` says whether the version allows it), and an
 ``eof_received`` that returns true keeps a TLS 1.3 connection open for
 writing.
+
+References go one way, so a connection is freed when its last reference
+goes, not by the cycle collector (a server's SSL objects would otherwise
+pile up between collections): the application's transport and protocol
+hold this protocol, the driver reaches it only through a weak reference,
+and ``connection_lost`` drops its application transport and protocol, as
+``sslproto`` does (``get_protocol()`` is ``None`` after it); a finished
+task's ``CancelledError`` (its traceback holds our frames) is not kept.
 """
 
 from __future__ import annotations
@@ -52,9 +60,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import weakref
 from asyncio import constants as asyncio_constants
 from asyncio import transports as asyncio_transports
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -117,7 +126,9 @@ class TLSTransport(asyncio_transports._FlowControlMixin, asyncio.Transport):
         self._tls.set_app_protocol(protocol)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._tls.app_protocol
+        # None once the connection is lost, as asyncio's TLS transport answers
+        # (typeshed's signature has no None)
+        return self._tls.app_protocol  # type: ignore[return-value]
 
     def is_closing(self) -> bool:
         return self._closed
@@ -225,15 +236,15 @@ class TLSProtocol(asyncio.Protocol):
         self.context = context
         self.conn = TLSConnection(context, server_side=server_side,
                                   server_hostname=server_hostname or None)
-        self.driver = Driver(self.conn, self._send_ciphertext, self._receive_ciphertext)
+        self.driver = Driver(self.conn, *_ciphertext_io(self))
         self._waiter = waiter
         self._handshake_timeout = ssl_handshake_timeout or SSL_HANDSHAKE_TIMEOUT
         self._shutdown_timeout = ssl_shutdown_timeout or SSL_SHUTDOWN_TIMEOUT
         self._call_connection_made = call_connection_made
-        self.app_protocol: asyncio.BaseProtocol = app_protocol
+        self.app_protocol: asyncio.BaseProtocol | None = app_protocol
         self._app_is_buffered = False
         self.set_app_protocol(app_protocol)
-        self.app_transport = TLSTransport(self)
+        self.app_transport: TLSTransport | None = TLSTransport(self)   # None once lost
         self._raw: asyncio.BaseTransport | None = None
         self._extra: dict[str, Any] = {"sslcontext": context}
         # state
@@ -271,6 +282,10 @@ class TLSProtocol(asyncio.Protocol):
         self.app_protocol = protocol
         self._app_is_buffered = isinstance(protocol, asyncio.BufferedProtocol)
 
+    def _mark_app_closed(self) -> None:
+        if self.app_transport is not None:
+            self.app_transport._closed = True
+
     def version(self) -> str | None:
         return self.conn.version() if self._handshake_done else None
 
@@ -285,6 +300,10 @@ class TLSProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._raw = transport
         self._main_task = self._spawn(self._run())
+        # a finished task keeps its CancelledError, whose traceback's frames hold
+        # self: kept here, the protocol and its SSL object would wait for the cycle
+        # collector instead of going when the last reference does
+        self._main_task.add_done_callback(self._forget_main_task)
 
     def data_received(self, data: bytes) -> None:
         self._incoming.append(data)
@@ -314,13 +333,16 @@ class TLSProtocol(asyncio.Protocol):
         if not self._handshake_done:
             self._wake_waiter(self._error or exc or ConnectionResetError(
                 "the connection was lost during the TLS handshake"))
-        self.app_transport._closed = True
-        if self._app_connected and not self._app_lost:
+        self._mark_app_closed()
+        if self._app_connected and not self._app_lost and self.app_protocol is not None:
             self._app_lost = True
             lost: Any = self.app_protocol.connection_lost
             self.loop.call_soon(lost, self._error or exc)
         self._backlog.clear()
         self.write_buffer_size = 0
+        # the application's objects hold us, we no longer hold them (see the top)
+        self.app_transport = None
+        self.app_protocol = None
 
     # -- the driver's transport ------------------------------------------------------
     async def _send_ciphertext(self, data: bytes) -> None:
@@ -350,6 +372,10 @@ class TLSProtocol(asyncio.Protocol):
         return data
 
     # -- the connection's tasks --------------------------------------------------------
+    def _forget_main_task(self, task: asyncio.Task[None]) -> None:
+        if self._main_task is task:
+            self._main_task = None
+
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
@@ -380,6 +406,8 @@ class TLSProtocol(asyncio.Protocol):
         self._extra.update(peercert=conn.getpeercert(), cipher=conn.cipher(),
                            compression=None, ssl_object=conn)
         if self._call_connection_made:
+            if self.app_protocol is None or self.app_transport is None:
+                return      # lost while the handshake finished: nobody to tell
             try:
                 self.app_protocol.connection_made(self.app_transport)
             except Exception as exc:
@@ -416,6 +444,8 @@ class TLSProtocol(asyncio.Protocol):
 
     def _deliver(self, data: bytes) -> None:
         protocol = self.app_protocol
+        if protocol is None:
+            return          # lost: asyncio delivers nothing after connection_lost
         if not self._app_is_buffered:
             protocol.data_received(data)  # type: ignore[attr-defined]
             return
@@ -431,14 +461,17 @@ class TLSProtocol(asyncio.Protocol):
 
     def _on_peer_eof(self) -> None:
         keep_open = False
+        protocol, transport = self.app_protocol, self.app_transport
+        if protocol is None or transport is None:
+            return          # lost already
         try:
-            keep_open = bool(self.app_protocol.eof_received())  # type: ignore[attr-defined]
+            keep_open = bool(protocol.eof_received())  # type: ignore[attr-defined]
         except Exception as exc:
             self._fatal(exc, "Error calling eof_received()")
             return
-        if keep_open and self.version() == "TLSv1.3" and not self.app_transport._closed:
+        if keep_open and self.version() == "TLSv1.3" and not transport._closed:
             return     # a half-close: the application may go on writing
-        self.app_transport._closed = True
+        transport._closed = True
         self.start_shutdown()
 
     async def _write_loop(self) -> None:
@@ -522,18 +555,21 @@ class TLSProtocol(asyncio.Protocol):
 
     def _control_app_writing(self) -> None:
         size = self.write_buffer_size
+        protocol = self.app_protocol
+        if protocol is None:
+            return
         try:
             if size >= self.write_high and not self.app_writing_paused:
                 self.app_writing_paused = True
-                self.app_protocol.pause_writing()
+                protocol.pause_writing()
             elif size <= self.write_low and self.app_writing_paused:
                 self.app_writing_paused = False
-                self.app_protocol.resume_writing()
+                protocol.resume_writing()
         except Exception as exc:
             self.loop.call_exception_handler({
                 "message": "protocol.pause_writing() or resume_writing() failed",
                 "exception": exc, "transport": self.app_transport,
-                "protocol": self.app_protocol})
+                "protocol": protocol})
 
     def set_write_limits(self, high: int | None, low: int | None) -> None:
         self.write_high, self.write_low = _water_marks(high, low, WRITE_HIGH_WATER)
@@ -559,7 +595,7 @@ class TLSProtocol(asyncio.Protocol):
         if self._shutting_down:
             return
         self._shutting_down = True
-        self.app_transport._closed = True
+        self._mark_app_closed()
         if not self._handshake_done:
             self.abort()
             return
@@ -568,7 +604,7 @@ class TLSProtocol(asyncio.Protocol):
         self._backlog_ready.set()
 
     def abort(self, exc: BaseException | None = None) -> None:
-        self.app_transport._closed = True
+        self._mark_app_closed()
         if exc is not None and self._error is None:
             self._error = exc
         for task in list(self._tasks):
@@ -598,4 +634,29 @@ class TLSProtocol(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"<anyio_asyncssl TLSProtocol {self.conn!r}>"
+
+
+def _ciphertext_io(tls: TLSProtocol) -> tuple[Callable[[bytes], Awaitable[None]],
+                                              Callable[[], Awaitable[bytes]]]:
+    """The driver's send and receive for ``tls``, through a weak reference.
+
+    Bound methods would make protocol -> driver -> protocol a cycle.  The
+    driver is only ever run by this protocol's tasks, whose frames hold it,
+    so the reference is alive whenever these are called.
+    """
+    ref = weakref.ref(tls)
+
+    def send(data: bytes) -> Awaitable[None]:
+        tls = ref()
+        if tls is None:
+            raise ConnectionResetError("the connection is closed")
+        return tls._send_ciphertext(data)
+
+    def receive() -> Awaitable[bytes]:
+        tls = ref()
+        if tls is None:
+            raise ConnectionResetError("the connection is closed")
+        return tls._receive_ciphertext()
+
+    return send, receive
 
