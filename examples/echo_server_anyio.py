@@ -56,7 +56,7 @@ async def main(args: argparse.Namespace) -> None:
 
 def is_ctrl_c(exc: BaseException) -> bool:
     """Ctrl-C, perhaps inside the exception groups trio wraps it in."""
-    subs = getattr(exc, "exceptions", None)
+    subs = getattr(exc, "exceptions", ())
     return isinstance(exc, KeyboardInterrupt) or (bool(subs) and all(map(is_ctrl_c, subs)))
 
 

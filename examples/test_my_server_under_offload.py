@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import cast
 
 import anyio
 import pytest
@@ -44,7 +45,8 @@ async def test_server_survives_slow_and_failing_engine(tmp_path: Path) -> None:
 
         async def one_exchange() -> bytes:
             multi = await anyio.create_tcp_listener(local_host="127.0.0.1")
-            listener = multi.listeners[0]
+            # anyio types its listeners as plain Listeners; a TCP one is a SocketListener
+            listener = cast(anyio.abc.SocketListener, multi.listeners[0])
             port = listener.extra(anyio.abc.SocketAttribute.local_port)
             async with anyio.create_task_group() as tg:
                 async def serve_one() -> None:
@@ -62,7 +64,8 @@ async def test_server_survives_slow_and_failing_engine(tmp_path: Path) -> None:
                 client = await AsyncTLSStream.wrap(tcp, context=client_ctx, hostname="localhost")
                 async with client:  # closing sends close_notify: the server's aclose waits for it
                     await client.send(b"ping")
-                    return await client.receive()
+                    reply = await client.receive()
+            return reply
 
         with engine.inject(latency_ms=20):  # a slow accelerator
             assert await one_exchange() == b"reply to ping"

@@ -54,7 +54,7 @@ def make_context(cert: str | None, key: str | None, write_cert: str | None,
 
 def is_ctrl_c(exc: BaseException) -> bool:
     """Ctrl-C, perhaps inside the exception groups trio wraps it in."""
-    subs = getattr(exc, "exceptions", None)
+    subs = getattr(exc, "exceptions", ())
     return isinstance(exc, KeyboardInterrupt) or (bool(subs) and all(map(is_ctrl_c, subs)))
 
 

@@ -236,8 +236,9 @@ def test_start_tls_upgrades_a_plain_connection(pki: Pki, offload: A.Offload, our
 
 def test_tls_in_tls_with_start_tls_on_our_transport(pki: Pki) -> None:
     """start_tls on one of our TLS transports (an HTTPS proxy's tunnel)."""
+    # (typeshed types start_tls's context an ssl.SSLContext; our loop's takes a TLSContext)
     async def inner_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await writer.start_tls(server_ctx(pki))
+        await writer.start_tls(server_ctx(pki))  # type: ignore[arg-type]
         await echo_handler(reader, writer)
 
     async def main() -> None:
@@ -247,7 +248,8 @@ def test_tls_in_tls_with_start_tls_on_our_transport(pki: Pki) -> None:
                                                       ssl=pki.client_ctx(),
                                                       server_hostname="localhost")
             outer = writer.transport
-            await writer.start_tls(pki.client_ctx(), server_hostname="localhost")
+            await writer.start_tls(pki.client_ctx(),  # type: ignore[arg-type]
+                                   server_hostname="localhost")
             assert writer.transport is not outer
             assert await exchange(reader, writer, b"inside" * 10000) == b"inside" * 10000
             writer.close()
@@ -482,7 +484,11 @@ def test_server_closes_a_client_that_never_finishes_its_hello(pki: Pki) -> None:
     made: list[Any] = []
 
     async def main() -> None:
-        server = await AA.create_server(lambda: made.append(1) or Recorder(), "127.0.0.1", 0,
+        def counted_recorder() -> Recorder:
+            made.append(1)
+            return Recorder()
+
+        server = await AA.create_server(counted_recorder, "127.0.0.1", 0,
                                         ssl=server_ctx(pki), ssl_handshake_timeout=0.3)
         async with server:
             reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
@@ -589,8 +595,10 @@ def test_cancelling_the_task_that_awaits_the_handshake(pki: Pki, engine: TestEng
                         loop = asyncio.get_running_loop()
                         transport, protocol = await loop.create_connection(
                             Recorder, "127.0.0.1", port_of(server))
-                        return await loop.start_tls(transport, protocol, cctx_offloaded,
-                                                    server_hostname="localhost")
+                        # typeshed: an ssl.SSLContext only; our loop's takes a TLSContext
+                        return await loop.start_tls(
+                            transport, protocol, cctx_offloaded,  # type: ignore[arg-type]
+                            server_hostname="localhost")
                     task = asyncio.ensure_future(upgrade())
                 await asyncio.sleep(0.1)   # inside the handshake, a job paused
                 task.cancel()
@@ -704,14 +712,16 @@ def test_event_loop_policy_and_unix_sockets(pki: Pki, tmp_path: Any) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         assert AA.is_tls_loop(loop)
+        # (typeshed types ssl= an ssl.SSLContext; our loop's methods take a TLSContext)
         server = await loop.create_unix_server(
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(), echo_handler),
-            path, ssl=server_ctx(pki))
+            path, ssl=server_ctx(pki))  # type: ignore[arg-type]
         async with server:
             reader = asyncio.StreamReader()
             protocol = asyncio.StreamReaderProtocol(reader)
             transport, _ = await loop.create_unix_connection(
-                lambda: protocol, path, ssl=pki.client_ctx(), server_hostname="localhost")
+                lambda: protocol, path, ssl=pki.client_ctx(),  # type: ignore[arg-type]
+                server_hostname="localhost")
             assert isinstance(transport, TLSTransport)
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             assert await exchange(reader, writer, b"unix") == b"unix"

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import pytest
@@ -42,6 +42,11 @@ from conftest import Pki, require_tool
 import anyio_asyncssl as A
 from anyio_asyncssl.asyncio import new_event_loop, new_uvloop_event_loop
 from anyio_asyncssl.asyncio_tls import TLSTransport
+
+if TYPE_CHECKING:  # optional: the tests that need them skip without them
+    from hypercorn.config import Config
+
+    from anyio_asyncssl.recipes import TLSConnector
 
 httpx = pytest.importorskip("httpx", reason="needs httpx with h2: pip install 'httpx[http2]'")
 
@@ -567,7 +572,7 @@ def test_loop_sendfile_on_tls_transport(pki: Pki, offload: A.Offload, tmp_path: 
 
 
 # -- aiohttp: the client ---------------------------------------------------------------
-def tls_connector_class() -> Any:
+def tls_connector_class() -> type[TLSConnector]:
     """The aiohttp client recipe's helper (skips without aiohttp)."""
     need("aiohttp", "aiohttp")
     from anyio_asyncssl.recipes import TLSConnector
@@ -778,12 +783,12 @@ def test_tls_connector_argument_errors(pki: Pki) -> None:
 
 
 # -- hypercorn's asyncio worker -------------------------------------------------------------
-def hypercorn_config_class(make_context: Callable[[Any], A.TLSContext]) -> Any:
+def hypercorn_config_class(make_context: Callable[[Any], A.TLSContext]) -> type[Config]:
     """The hypercorn recipe: a ``Config`` whose ``create_ssl_context()`` is a TLSContext."""
     need("hypercorn", "hypercorn")
     from hypercorn.config import Config
 
-    class AsyncSSLConfig(Config):  # type: ignore[misc]
+    class AsyncSSLConfig(Config):
         def create_ssl_context(self) -> Any:
             return make_context(self)
 

@@ -25,7 +25,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import pytest
 from conftest import Pki
@@ -53,6 +54,8 @@ try:
 except ImportError:  # pragma: no cover - the [test] extra installs it
     pytest.skip("these tests need tlslite-ng: pip install tlslite-ng (or '.[test]')",
                 allow_module_level=True)
+
+T = TypeVar("T")
 
 TIMEOUT = 10.0  # every socket operation and every wait; nothing may hang
 
@@ -102,7 +105,7 @@ class Served:
     finished: threading.Event = field(default_factory=threading.Event)
 
 
-def _retry_async(call: Callable[[], Any], deadline: float) -> Any:
+def _retry_async(call: Callable[[], T], deadline: float) -> T:
     """Call until the answer is not WANT_ASYNC(_JOB) (offload: the engine's worker signs)."""
     while True:
         out = call()
@@ -158,7 +161,7 @@ def _serve_one(ctx: A.TLSContext, sock: socket.socket, served: Served,
                 served.received.append(data)
                 view = memoryview(data)
                 while view:
-                    _, n = _retry_async(lambda v=view: conn.write(v), deadline)
+                    _, n = _retry_async(partial(conn.write, view), deadline)
                     view = view[n:]
                 flush()
                 continue
@@ -432,7 +435,7 @@ def send_raw(client: Client, record_type: int, fragment: bytes,
                         + fragment)
 
 
-def records(wire: bytes) -> list[tuple[int, bytes]]:
+def records(wire: bytes | bytearray) -> list[tuple[int, bytes]]:
     """The complete records in ``wire``: ``(content type, fragment)``."""
     out: list[tuple[int, bytes]] = []
     while len(wire) >= 5:

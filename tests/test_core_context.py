@@ -87,7 +87,7 @@ def encrypted_key(pki: Pki) -> tuple[Path, Path]:
     """(certificate chain file, PKCS#8 key file encrypted with b"s3cret")."""
     leaf = pki.ca.issue_cert("localhost", key_type=trustme.KeyType.RSA)
     key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
-    enc = key.private_bytes(  # type: ignore[union-attr]
+    enc = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"s3cret"),

@@ -74,8 +74,10 @@ def _pair(
             A.TLSConnection(server_ctx, server_side=True))
 
 
-def _issue(pki: Pki, name: str, **kw: object) -> Path:
-    leaf = pki.ca.issue_cert("localhost", key_type=trustme.KeyType.RSA, **kw)
+def _issue(pki: Pki, name: str, *, not_before: datetime.datetime,
+           not_after: datetime.datetime) -> Path:
+    leaf = pki.ca.issue_cert("localhost", key_type=trustme.KeyType.RSA,
+                             not_before=not_before, not_after=not_after)
     path = pki.tmp / f"{name}.pem"
     leaf.private_key_and_cert_chain_pem.write_to_path(path)
     return path

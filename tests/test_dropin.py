@@ -11,13 +11,13 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
 import trio
 import trio.testing
-from anyio.abc import SocketAttribute
+from anyio.abc import Listener, SocketAttribute
 from anyio.streams.tls import TLSAttribute
 from anyio.streams.tls import TLSListener as StockTLSListener
 from anyio.streams.tls import TLSStream as StockTLSStream
@@ -53,7 +53,8 @@ async def stock_echo_server(pki: Pki, *, standard_compatible: bool = True
     seen: list[tuple[str, int]] = []
 
     async def handle(stream: StockTLSStream) -> None:
-        seen.append(stream.extra(SocketAttribute.remote_address))
+        # a TCP listener: the address is a (host, port) pair, never a UNIX path
+        seen.append(cast(tuple[str, int], stream.extra(SocketAttribute.remote_address)))
         async with stream:
             data = await stream.receive()
             await stream.send(data.upper())
@@ -164,9 +165,13 @@ def test_trio_face_refuses_a_stdlib_context_before_any_io() -> None:
         with pytest.raises(TypeError) as exc:   # before binding the port
             await T.open_ssl_over_tcp_listeners(port, sslctx())  # type: ignore[arg-type]
         assert_recipe(exc)
+
+        async def never_called(stream: T.SSLStream[trio.SocketStream]) -> None:
+            pass   # the context is refused before anything is served
+
         with pytest.raises(TypeError) as exc:
-            await T.serve_ssl_over_tcp(lambda s: None, port,  # type: ignore[arg-type]
-                                       ssl_context=sslctx())
+            await T.serve_ssl_over_tcp(never_called, port,
+                                       ssl_context=sslctx())  # type: ignore[arg-type]
         assert_recipe(exc)
         with socket.socket() as s:   # the port was never bound
             s.bind(("127.0.0.1", port))
@@ -242,9 +247,11 @@ async def test_listener_takes_anyios_positional_and_keyword_arguments(pki: Pki) 
         async with stream:
             await stream.send((await stream.receive()).upper())
 
-    for make in (lambda tcp: S.TLSListener(tcp, ctx, False, 5),
-                 lambda tcp: S.TLSListener(tcp, ssl_context=ctx, standard_compatible=False,
-                                           handshake_timeout=5)):
+    makers: tuple[Callable[[Listener[Any]], S.AsyncTLSListener], ...] = (
+        lambda tcp: S.TLSListener(tcp, ctx, False, 5),
+        lambda tcp: S.TLSListener(tcp, ssl_context=ctx, standard_compatible=False,
+                                  handshake_timeout=5))
+    for make in makers:
         tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
         listener = make(tcp)
         assert listener.ssl_context is ctx and listener.context is ctx
@@ -340,7 +347,9 @@ def test_trio_names_with_trios_keywords(pki: Pki) -> None:
                                                             https_compatible=True, backlog=5)
             assert all(isinstance(x, T.SSLListener) for x in listeners)
             nursery.start_soon(trio.serve_listeners, our_echo, listeners)
-            for p in (our_port, listeners[0].transport_listener.socket.getsockname()[1]):
+            # transport_listener is typed a plain Listener; over TCP it is a trio.SocketListener
+            tcp_listener = cast(trio.SocketListener, listeners[0].transport_listener)
+            for p in (our_port, tcp_listener.socket.getsockname()[1]):
                 stock_client = await trio.open_ssl_over_tcp_stream(
                     "localhost", p, ssl_context=stdlib_client_ctx(pki))
                 await stock_client.send_all(b"stock")

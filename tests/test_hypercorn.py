@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -34,12 +34,18 @@ from conftest import Pki, require_tool
 import anyio_asyncssl as A
 
 pytest.importorskip("hypercorn", reason="needs hypercorn: pip install 'anyio-asyncssl[hypercorn]'")
-httpx = pytest.importorskip("httpx", reason="needs httpx with h2: pip install 'httpx[http2]'")
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = pytest.importorskip("httpx", reason="needs httpx with h2: pip install 'httpx[http2]'")
 pytest.importorskip("h2", reason="needs httpx with h2: pip install 'httpx[http2]'")
 
-from hypercorn.config import Config  # noqa: E402
+from hypercorn.config import Config
 
-from anyio_asyncssl.hypercorn import serve, tls_context_from_config  # noqa: E402
+from anyio_asyncssl.hypercorn import serve, tls_context_from_config
+
+if TYPE_CHECKING:
+    from hypercorn.typing import Scope
 
 TIMEOUT = 60  # seconds for a whole test (2 shared cores: generous)
 CLIENT_TIMEOUT = 20  # seconds for one client request
@@ -68,7 +74,9 @@ class App:
     slow_started: trio.Event = field(default_factory=trio.Event)
     slow_finished: bool = False
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    # receive and send stay loose: hypercorn's event TypedDicts make keys the ASGI
+    # spec leaves optional (more_body) required
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()

@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -35,8 +36,11 @@ def _tool(name: str) -> ModuleType:
     return module
 
 
-build = _tool("build")
-stubgen = _tool("stubgen")
+if TYPE_CHECKING:  # the same files, typed: mypy reads them in the package
+    from anyio_asyncssl._native import build, stubgen
+else:
+    build = _tool("build")
+    stubgen = _tool("stubgen")
 PYTHON_TREES = ("src/anyio_asyncssl", "tests", "benchmarks", "examples", "fuzz")
 LIB_NAME = re.compile(r"\blib\.([A-Za-z_]\w*)")
 

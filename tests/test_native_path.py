@@ -15,11 +15,11 @@ from __future__ import annotations
 import gc
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute, UNIXSocketStream
+from anyio.abc import SocketAttribute, SocketListener, UNIXSocketStream
 from conftest import Pki
 
 import anyio_asyncssl as A
@@ -36,7 +36,8 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 async def _tcp_pair() -> tuple[Any, Any, Any]:
     multi = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    listener = multi.listeners[0]
+    # anyio types its listeners as plain Listeners; a TCP one is a SocketListener
+    listener = cast(SocketListener, multi.listeners[0])
     port = listener.extra(SocketAttribute.local_port)
     client = await anyio.connect_tcp("127.0.0.1", port)
     server = await listener.accept()

@@ -28,9 +28,8 @@ def test_import_refuses_without_async_jobs() -> None:
     check_runtime(0x30000130, "OpenSSL 3.0.19", True)  # fine
 
 
-def _handshake(pki: Pki, offload: A.Offload,
-               **kw: str) -> tuple[A.TLSConnection, A.TLSConnection]:
-    s = A.TLSConnection(pki.server_ctx("rsa", offload=offload), server_side=True, **kw)
+def _handshake(pki: Pki, offload: A.Offload) -> tuple[A.TLSConnection, A.TLSConnection]:
+    s = A.TLSConnection(pki.server_ctx("rsa", offload=offload), server_side=True)
     c = A.TLSConnection(pki.client_ctx(), server_hostname="localhost")
     pump(c, s)
     return c, s
@@ -120,8 +119,12 @@ def test_notifier_overflow_asks_everyone_to_recheck() -> None:
 
 def test_notifier_posts_from_many_threads_are_all_delivered() -> None:
     n = A.Notifier(capacity=10000)
-    threads = [threading.Thread(target=lambda k=k: [n.post(k * 1000 + i) for i in range(500)])
-               for k in range(4)]
+
+    def post_500(k: int) -> None:
+        for i in range(500):
+            n.post(k * 1000 + i)
+
+    threads = [threading.Thread(target=post_500, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:

@@ -70,7 +70,7 @@ class Token:
 def _certificate_for(public_der: bytes, ca_key: object, ca_cert: object) -> bytes:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     now = datetime.datetime.now(datetime.UTC)
     leaf = (x509.CertificateBuilder()
@@ -89,7 +89,7 @@ def _certificate_for(public_der: bytes, ca_key: object, ca_cert: object) -> byte
                 ca_key.public_key()), critical=False)  # type: ignore[attr-defined]
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(
                 serialization.load_der_public_key(public_der)), critical=False)  # type: ignore[arg-type]
-            .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]),
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
     return leaf.public_bytes(serialization.Encoding.PEM)
@@ -97,8 +97,8 @@ def _certificate_for(public_der: bytes, ca_key: object, ca_cert: object) -> byte
 
 @pytest.fixture(scope="module")
 def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
-    for tool in ("softhsm2-util", "pkcs11-tool", "openssl"):
-        require_tool(tool, INSTALL.split("install ")[1])
+    for needed in ("softhsm2-util", "pkcs11-tool", "openssl"):
+        require_tool(needed, INSTALL.split("install ")[1])
     module = next((m for m in SOFTHSM_MODULES if os.path.exists(m)), None)
     provider = os.path.join(_modules_dir(), "pkcs11.so")
     if module is None or not os.path.exists(provider):
@@ -203,7 +203,9 @@ def test_token_keys_serve_the_stdlib_with_signatures_on_workers(
                 cctx.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(b"token")
             assert tls.recv(10) == b"token"
-            seen.append((tls.version(), tls.getpeercert()["subjectAltName"]))
+            peer = tls.getpeercert()
+            assert peer is not None
+            seen.append((tls.version(), peer["subjectAltName"]))
 
     before = token_offload.stats()
     anyio.run(_serve_one, ctx, client)

@@ -60,6 +60,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, cast
 
 import anyio
@@ -368,7 +369,7 @@ class Runner:
                 side.sent.append(record)
                 record.outcome = await self.attempt(
                     side, f"send #{seq} ({op.size} B)",
-                    lambda data=record.frame: stream.send(data), op.cancel, tg)
+                    partial(stream.send, record.frame), op.cancel, tg)
             elif isinstance(op, SendEof):
                 await self.attempt(side, "send_eof", stream.send_eof, op.cancel, tg)
             elif isinstance(op, Close):
@@ -417,7 +418,7 @@ class Runner:
                 await anyio.sleep(op.ms / 1000)
                 continue
             outcome = await self.attempt(side, f"receive({op.max_bytes})",
-                                         lambda n=op.max_bytes: receive(n), op.cancel, tg)
+                                         partial(receive, op.max_bytes), op.cancel, tg)
             if outcome.startswith("error: EndOfStream"):
                 side.receiver_end = "eof"
                 return

@@ -639,7 +639,13 @@ def test_read_of_zero_bytes_while_a_read_is_paused_resumes_nothing(
     assert s.read(0) == (Status.DONE, b"")
     assert s.pending_operation is A.Operation.READ
     got: list[bytes] = []
-    retry_while_async(lambda: (lambda r: (got.append(r[1]), r[0])[1])(s.read(100)))
+
+    def read_into_got() -> Status:
+        st, data = s.read(100)
+        got.append(data)
+        return st
+
+    retry_while_async(read_into_got)
     assert b"".join(got) == b"hello"
 
 

@@ -45,7 +45,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -322,7 +322,7 @@ def stdlib_server_ctx(pki: Pki) -> ssl.SSLContext:
 def _recording(cls: type[Any], served: Served) -> type[Any]:
     """The listener class with its handle_handshake_error recorded, then run as usual."""
 
-    class Recording(cls):  # type: ignore[misc,valid-type]
+    class Recording(cls):  # type: ignore[misc]  # cls: one of several listener classes
         async def handle_handshake_error(self, exc: BaseException, stream: Any) -> None:
             try:
                 await super().handle_handshake_error(exc, stream)
@@ -670,7 +670,7 @@ async def wait_for_stall(progress: Callable[[], int], result: Stalled, rss0: int
 async def run_until_stalled(
         kind: str, impl: str, pki: Pki, offload: A.Offload, handler: Handler,
         progress: Progress, result: Stalled,
-        client_role: Callable[[CountingClient], Awaitable[None]],
+        client_role: Callable[[CountingClient], Coroutine[Any, Any, None]],
         moved: Callable[[CountingClient], int],
         measure: Callable[[CountingClient, Conn], None],
         sample: Callable[[], None] = lambda: None) -> None:

@@ -822,15 +822,18 @@ async def test_an_aclose_cancelled_natively_while_another_tasks_job_is_paused_cl
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(receive_ping, server)
-            await _wait_until(
-                lambda s=server: s.ssl_object.pending_operation is A.Operation.READ)
+
+            def reading(s: AsyncTLSStream = server) -> bool:
+                return s.ssl_object.pending_operation is A.Operation.READ
+
+            await _wait_until(reading)
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.005):
                     await server.aclose()
             with pytest.raises(anyio.BrokenResourceError):   # an EOF without close_notify
                 await client.receive()
     await client.aclose()
-    del server, client
+    del server, client, reading   # (reading's default holds the server)
     await _settle(offload, baseline)
 
 
@@ -999,11 +1002,13 @@ async def test_engine_error_in_a_write_after_the_peers_close_notify_raises(
         await server.receive()
     steps = 0
 
-    def counted_write(*args: Any, _write: Any = server.ssl_object.write) -> Any:
+    def counted_write(*args: Any,
+                      _write: Callable[..., tuple[A.Status, int]] = server.ssl_object.write,
+                      **kwargs: Any) -> tuple[A.Status, int]:
         nonlocal steps
         steps += 1
         assert steps < 1000, "the write is retried for ever"
-        return _write(*args)
+        return _write(*args, **kwargs)
 
     server.ssl_object.write = counted_write  # type: ignore[method-assign]
     engine.set(err=1)

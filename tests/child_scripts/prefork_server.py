@@ -72,7 +72,14 @@ for i in range(WORKERS):
 for _ in children:
     os.read(ready_r, 1)
 print(sock.getsockname()[1], flush=True)
-signal.signal(signal.SIGTERM, lambda *_: [os.kill(p, signal.SIGTERM) for p in children])
+
+
+def forward_sigterm(*_: object) -> None:
+    for child in children:
+        os.kill(child, signal.SIGTERM)
+
+
+signal.signal(signal.SIGTERM, forward_sigterm)
 failed = 0
 for pid in children:
     while True:
